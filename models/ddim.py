@@ -1,0 +1,103 @@
+"""DDIM sampling (Song et al., ICLR 2021) with Stable Diffusion v1's noise schedule.
+
+Forward process q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I), with the "scaled linear"
+betas of SD v1: beta_t = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2 and alpha_bar_t = prod(1 - beta).
+
+One DDIM step from t to t' = t - 1000 // N (DDIM Eq. 12), with eps = eps_theta(z_t, t):
+
+    z0_hat = (z_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)
+    sigma  = eta * sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_t'))
+    z_t'   = sqrt(alpha_bar_t') z0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma * noise
+
+For the last step t' < 0 and alpha_bar_t' is alpha_bar_0 (`set_alpha_to_one = False`, as SD v1 ships)
+or 1. The inverse step (z_t' -> z_t with eps predicted at t) is what DDIM inversion uses.
+Timestep spacings and defaults follow diffusers' `DDIMScheduler` so that a seed gives the same image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DDIMConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # or "linear"
+    steps_offset: int = 1  # SD v1: timesteps 981, 961, ..., 1 for 50 steps
+    set_alpha_to_one: bool = False  # SD v1: the final "previous" alpha_bar is alpha_bar_0, not 1
+    timestep_spacing: str = "leading"  # or "trailing", "linspace"
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    prediction_type: str = "epsilon"
+
+    def updated(self, values: dict) -> DDIMConfig:
+        """This config with the keys of a diffusers `scheduler_config.json` that it knows overlaid."""
+        known = {f.name for f in fields(self)}
+        return DDIMConfig(**{**self.__dict__, **{k: v for k, v in values.items() if k in known}})
+
+
+class DDIM:
+    def __init__(self, cfg: DDIMConfig = DDIMConfig()):
+        if cfg.prediction_type != "epsilon":
+            raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported: SD v1 and LDM predict "
+                             "'epsilon' (a 'v_prediction' scheduler config belongs to SD 2.x)")
+        if cfg.beta_schedule == "scaled_linear":
+            betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps) ** 2
+        elif cfg.beta_schedule == "linear":
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
+        else:
+            raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported (use 'scaled_linear' or 'linear')")
+        self.cfg = cfg
+        self.alpha_bar = torch.cumprod(1.0 - betas, dim=0)  # float32, as diffusers
+        self.final_alpha_bar = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alpha_bar[0]
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        """The N timesteps of sampling, noisiest first."""
+        T = self.cfg.num_train_timesteps
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"the number of steps must be between 1 and {T}, got {num_steps}")
+        if self.cfg.timestep_spacing == "leading":
+            t = (np.arange(num_steps) * (T // num_steps)).round()[::-1] + self.cfg.steps_offset
+        elif self.cfg.timestep_spacing == "trailing":
+            t = np.round(np.arange(T, 0, -T / num_steps)) - 1
+        elif self.cfg.timestep_spacing == "linspace":
+            t = np.linspace(0, T - 1, num_steps).round()[::-1]
+        else:
+            raise ValueError(f"timestep_spacing {self.cfg.timestep_spacing!r} is not supported")
+        return [int(x) for x in t]
+
+    def alpha_bar_at(self, t: int) -> torch.Tensor:
+        return self.alpha_bar[t] if t >= 0 else self.final_alpha_bar
+
+    def prev_timestep(self, t: int, num_steps: int) -> int:
+        return t - self.cfg.num_train_timesteps // num_steps
+
+    def predict_z0(self, eps: torch.Tensor, t: int, z_t: torch.Tensor) -> torch.Tensor:
+        a_t = self.alpha_bar_at(t)
+        return (z_t - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+
+    def step(self, eps: torch.Tensor, t: int, z_t: torch.Tensor, num_steps: int,
+             eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t -> z_{t'} (DDIM Eq. 12). With eta > 0, `noise` ~ N(0, I) shaped like z_t must be given."""
+        t_prev = self.prev_timestep(t, num_steps)
+        a_t, a_prev = self.alpha_bar_at(t), self.alpha_bar_at(t_prev)
+        z0 = self.predict_z0(eps, t, z_t)
+        if self.cfg.clip_sample:
+            z0 = z0.clamp(-self.cfg.clip_sample_range, self.cfg.clip_sample_range)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        z_prev = a_prev ** 0.5 * z0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        if eta > 0:
+            if noise is None:
+                raise ValueError("eta > 0 needs a noise tensor")
+            z_prev = z_prev + sigma * noise
+        return z_prev
+
+    def invert_step(self, eps: torch.Tensor, t: int, z_prev: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """The deterministic step run backwards: z_{t'} -> z_t, with eps predicted at t (DDIM inversion)."""
+        a_t, a_prev = self.alpha_bar_at(t), self.alpha_bar_at(self.prev_timestep(t, num_steps))
+        z0 = (z_prev - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+        return a_t ** 0.5 * z0 + (1 - a_t) ** 0.5 * eps

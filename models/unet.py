@@ -1,0 +1,218 @@
+"""The UNet eps_theta(z_t, t, psi(P)) of Stable Diffusion v1 and LDM text2img, built from a config.
+
+Layout (SD v1, 64x64 latent; LDM is the same network at 32x32 with 1280-wide text states):
+
+    conv_in -> down_blocks[0..3] -> mid_block -> up_blocks[0..3] -> conv_norm_out, silu, conv_out
+    down level 0/1/2: 2 x (resnet, transformer), downsample      at 64 / 32 / 16
+    down level 3:     2 x resnet                                  at 8
+    mid:              resnet, transformer, resnet                 at 8
+    up level 0:       3 x resnet, upsample                        at 8
+    up level 1/2/3:   3 x (resnet, transformer), upsample but last at 16 / 32 / 64
+
+Each transformer block has a self-attention `attn1` and a cross-attention `attn2` (the sites that
+Prompt-to-Prompt edits, Sec. 3.1): 16 blocks, 32 attention layers. Module names equal the diffusers
+checkpoint names, so a diffusers `unet/` file loads by name; CompVis names are mapped in checkpoint.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import CrossAttention, Site
+from .layers import Downsample, GroupNorm32, ResnetBlock, Upsample
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # down level i (and its mirror up) has transformers
+    layers_per_block: int = 2
+    heads: int = 8  # diffusers' `attention_head_dim`: a legacy misnomer, it is the number of heads
+    cross_attention_dim: int = 768  # width of the text states psi(P): CLIP-L 768, LDMBert 1280
+    norm_num_groups: int = 32
+    sample_size: int = 64  # native latent side (512 px / 8); sets Site.res
+
+    def __post_init__(self):
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError("attention_levels needs one entry per block_out_channels entry")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / (dim/2)) (flip_sin_to_cos, shift 0)."""
+    half = dim // 2
+    f = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    arg = t.float()[:, None] * f[None]
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class GEGLU(nn.Module):
+    """proj: C -> 8C, split into value and gate: value * gelu(gate) (exact erf GELU)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])  # .1 is dropout
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """x += attn1(norm1(x)); x += attn2(norm2(x), psi(P)); x += ff(norm3(x))."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, sites: tuple[Site, Site]):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, heads, site=sites[0])
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, heads, context_dim, site=sites[1])
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, controller, hw):
+        x = x + self.attn1(self.norm1(x), controller=controller, hw=hw)
+        x = x + self.attn2(self.norm2(x), context, controller=controller, hw=hw)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """Spatial transformer: GroupNorm, 1x1 conv in, one TransformerBlock over the h*w tokens, 1x1 conv out."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, groups: int, sites: tuple[Site, Site]):
+        super().__init__()
+        self.norm = GroupNorm32(groups, dim, eps=1e-6)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, context_dim, sites)])
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, context, controller):
+        h, w = x.shape[-2:]
+        r = x
+        x = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            x = block(x, context, controller, (h, w))
+        return self.proj_out(rearrange(x, "b (h w) c -> b c h w", h=h)) + r
+
+
+class Block(nn.Module):
+    """One level of the down or up path: resnets, optional transformers, optional resampler."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, L, G = cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups
+        n, temb = len(ch), ch[0] * 4
+        self.sites: list[Site] = []
+
+        def transformer(dim, place, level, name):
+            k = len(self.sites) // 2
+            res = max(cfg.sample_size >> level, 1)
+            pair = tuple(Site(f"{name}.transformer_blocks.0.attn{i + 1}", place, kind, level, res,
+                              len(self.sites) + i, k) for i, kind in enumerate(("self", "cross")))
+            self.sites.extend(pair)
+            return Transformer2D(dim, cfg.heads, cfg.cross_attention_dim, G, pair)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        skips = [ch[0]]  # channels of the skip tensors the down path pushes
+        self.down_blocks = nn.ModuleList()
+        for lvl in range(n):
+            block, c_in = Block(), (ch[lvl - 1] if lvl else ch[0])
+            for j in range(L):
+                block.resnets.append(ResnetBlock(c_in if j == 0 else ch[lvl], ch[lvl], temb, G, 1e-5))
+                if cfg.attention_levels[lvl]:
+                    block.attentions.append(transformer(ch[lvl], "down", lvl, f"down_blocks.{lvl}.attentions.{j}"))
+                skips.append(ch[lvl])
+            if lvl < n - 1:
+                block.downsamplers = nn.ModuleList([Downsample(ch[lvl], padding=1)])
+                skips.append(ch[lvl])
+            self.down_blocks.append(block)
+
+        self.mid_block = Block()
+        self.mid_block.resnets.extend([ResnetBlock(ch[-1], ch[-1], temb, G, 1e-5) for _ in range(2)])
+        self.mid_block.attentions.append(transformer(ch[-1], "mid", n - 1, "mid_block.attentions.0"))
+
+        self.up_blocks = nn.ModuleList()
+        c_prev = ch[-1]
+        for u in range(n):
+            lvl = n - 1 - u
+            block = Block()
+            for j in range(L + 1):
+                c_in = (c_prev if j == 0 else ch[lvl]) + skips.pop()
+                block.resnets.append(ResnetBlock(c_in, ch[lvl], temb, G, 1e-5))
+                if cfg.attention_levels[lvl]:
+                    block.attentions.append(transformer(ch[lvl], "up", lvl, f"up_blocks.{u}.attentions.{j}"))
+            if u < n - 1:
+                block.upsamplers = nn.ModuleList([Upsample(ch[lvl])])
+            self.up_blocks.append(block)
+            c_prev = ch[lvl]
+
+        self.conv_norm_out = GroupNorm32(G, ch[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z_t: torch.Tensor, t, context: torch.Tensor, controller=None) -> torch.Tensor:
+        """eps_theta(z_t, t, context). `t` is an int or a tensor of shape () or (batch,)."""
+        t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(z_t.shape[0])
+        emb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(z_t.dtype))
+
+        h = self.conv_in(z_t)
+        skips = [h]
+        for block in self.down_blocks:
+            for j, resnet in enumerate(block.resnets):
+                h = resnet(h, emb)
+                if len(block.attentions):
+                    h = block.attentions[j](h, context, controller)
+                skips.append(h)
+            if hasattr(block, "downsamplers"):
+                h = block.downsamplers[0](h)
+                skips.append(h)
+
+        h = self.mid_block.resnets[0](h, emb)
+        h = self.mid_block.attentions[0](h, context, controller)
+        h = self.mid_block.resnets[1](h, emb)
+
+        for block in self.up_blocks:
+            for j, resnet in enumerate(block.resnets):
+                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+                if len(block.attentions):
+                    h = block.attentions[j](h, context, controller)
+            if hasattr(block, "upsamplers"):
+                h = block.upsamplers[0](h, size=skips[-1].shape[-2:])
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
