@@ -1,0 +1,216 @@
+"""Text-to-image sampling: prompts -> psi(P), z_T -> z_0 by guided DDIM, z_0 -> image.
+
+    z_T ~ N(0, I)                                          (drawn on a CPU generator, as diffusers)
+    for t = T .. 1:
+        eps = eps_u + w (eps_c - eps_u)                    classifier-free guidance, batch [uncond | cond]
+        z_{t-1} = DDIM(z_t, eps)                           (models/ddim.py)
+    x = D(z_0)                                             the VAE decoder
+
+The loop is the one of the paper's Algorithm 1: an edit controller rides along, told the step and
+the batch layout before every UNet call and given the latents after every step.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from models.checkpoint import load_module
+from models.clip import CLIPTextModel
+from models.ddim import DDIM
+from models.presets import ModelConfig, preset
+from models.tokenizer import CLIPTokenizer
+from models.unet import UNet
+from models.vae import AutoencoderKL
+
+from .controllers import Controller, GuidanceLayout
+from .loading import read_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None -> float16 on a GPU, float32 on the CPU; strings as in --dtype."""
+    if dtype is None:
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """Decoder output in [-1, 1] (B, 3, H, W) -> PIL images (rounded as diffusers does)."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
+
+
+class Pipeline:
+    """A text-to-image latent diffusion model: tokenizer, text encoder, UNet, VAE and DDIM schedule."""
+
+    def __init__(self, cfg: ModelConfig, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer):
+        self.cfg, self.unet, self.vae, self.text_encoder, self.tokenizer = cfg, unet, vae, text_encoder, tokenizer
+        self.ddim = DDIM(cfg.ddim)
+        for m in (unet, vae, text_encoder):
+            m.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, *, tokenizer=None, device=None, dtype=None, variant=None, ema=True,
+                        config: str | ModelConfig | None = None) -> Pipeline:
+        """Load a diffusers folder or a CompVis single file (then `tokenizer` is required).
+
+        `config` names the preset a single file is read with (default "sd-v1").
+        """
+        device = torch.device(device) if device else default_device()
+        dtype = resolve_dtype(dtype, device)
+        cfg, sds, tok_dir = read_model(path, variant=variant, ema=ema, config=config)
+        tok_path = tokenizer or tok_dir
+        if tok_path is None:
+            raise ValueError(f"{path} carries no tokenizer: pass one (--tokenizer PATH): a diffusers tokenizer/ "
+                             "folder, a tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz")
+        tok = tok_path if isinstance(tok_path, CLIPTokenizer) else CLIPTokenizer.from_path(tok_path)
+        with torch.device("meta"):
+            unet, vae, text = UNet(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextModel(cfg.text)
+        for module, name, what in ((unet, "unet", "UNet"), (vae, "vae", "VAE"), (text, "text", "text encoder")):
+            load_module(module, sds.pop(name), what, dtype=dtype, device=device)
+        return cls(cfg, unet, vae, text, tok)
+
+    @classmethod
+    def from_config(cls, cfg: str | ModelConfig, tokenizer, *, seed: int = 0, device=None, dtype=None) -> Pipeline:
+        """Random weights (PyTorch's default init, seeded) of a preset: for tests and benchmarks."""
+        cfg = preset(cfg) if isinstance(cfg, str) else cfg
+        device = torch.device(device) if device else torch.device("cpu")
+        torch.manual_seed(seed)
+        modules = UNet(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextModel(cfg.text)
+        tok = tokenizer if isinstance(tokenizer, CLIPTokenizer) else CLIPTokenizer.from_path(tokenizer)
+        return cls(cfg, *(m.to(device, resolve_dtype(dtype, device)) for m in modules), tok)
+
+    # --- the three stages ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> text states psi(P) (B, 77, width)."""
+        ids = self.tokenizer.encode(list(prompts)).to(self.device)
+        return self.text_encoder(ids).to(self.dtype)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        s = self.cfg.vae_scale
+        if height % s or width % s or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {s}, got {height}x{width}")
+        return 1, self.cfg.unet.in_channels, height // s, width // s
+
+    def initial_latent(self, seed: int, height: int, width: int) -> torch.Tensor:
+        """z_T for a seed: torch.randn on a CPU generator (the same draw as diffusers), shape (1, 4, h, w)."""
+        g = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn(self.latent_shape(height, width), generator=g)
+
+    @torch.no_grad()
+    def denoise(self, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | Sequence[torch.Tensor],
+                *, steps: int, guidance: float, eta: float = 0.0, generator: torch.Generator | None = None,
+                controller: Controller | None = None, low_memory: bool = False, progress: bool = True
+                ) -> torch.Tensor:
+        """Guided DDIM from z_T (B or 1 rows) to z_0 (B rows), B = len(cond).
+
+        `uncond` is the unconditional psi("") (B or 1 rows), or one such tensor per step (null-text
+        inversion). With `low_memory` the two guidance branches run as two UNet calls. Guidance w <= 1
+        runs the conditional branch only (as diffusers).
+        """
+        B = cond.shape[0]
+        z = z_T.to(self.device, self.dtype).expand(B, *z_T.shape[1:])
+        ctl = controller or Controller()
+        timesteps = self.ddim.timesteps(steps)
+        if eta > 0 and generator is None:
+            raise ValueError("eta > 0 draws fresh noise every step: pass a generator")
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
+            u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
+            u = u.to(self.device, self.dtype).expand(B, *u.shape[1:])
+            if guidance <= 1:
+                ctl.begin_step(i, t, GuidanceLayout(B, None, slice(0, B)))
+                eps = self.unet(z, t, cond, ctl)
+            else:
+                if low_memory:
+                    ctl.begin_step(i, t, GuidanceLayout(B, slice(0, B), None))
+                    eps_u = self.unet(z, t, u, ctl)
+                    ctl.begin_step(i, t, GuidanceLayout(B, None, slice(0, B)))
+                    eps_c = self.unet(z, t, cond, ctl)
+                else:
+                    ctl.begin_step(i, t, GuidanceLayout.batched(B))
+                    eps_u, eps_c = self.unet(torch.cat([z, z]), t, torch.cat([u, cond]), ctl).chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            noise = None
+            if eta > 0:
+                noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+            z = self.ddim.step(eps, t, z, steps, eta=eta, noise=noise)
+            z = ctl.end_step(i, z)
+        return z
+
+    @torch.no_grad()
+    def decode(self, z_0: torch.Tensor) -> list[Image.Image]:
+        """z_0 (B, 4, h, w) -> B images, decoded one at a time to bound memory."""
+        return [img for z in z_0.split(1) for img in to_images(self.vae.decode(z.to(self.dtype)))]
+
+    # --- convenience ---------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[str], *, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, height: int | None = None, width: int | None = None,
+                 eta: float = 0.0, negative_prompt: str = "", controller: Controller | None = None,
+                 low_memory: bool = False, progress: bool = True) -> list[Image.Image]:
+        """Images for one or more prompts, all from the same seed's z_T (the same image as diffusers'
+        StableDiffusionPipeline with an SD-configured DDIMScheduler and generator seed `seed`)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        height, width = height or self.cfg.image_size, width or self.cfg.image_size
+        g = torch.Generator("cpu").manual_seed(seed)
+        z_T = torch.randn(self.latent_shape(height, width), generator=g)
+        cond = self.encode_text(prompts)
+        uncond = self.encode_text([negative_prompt])
+        z_0 = self.denoise(z_T, cond, uncond, steps=steps or self.cfg.steps,
+                           guidance=self.cfg.guidance if guidance is None else guidance, eta=eta, generator=g,
+                           controller=controller, low_memory=low_memory, progress=progress)
+        return self.decode(z_0)
+
+    def with_config(self, **changes) -> Pipeline:
+        """The same networks with other sampling defaults (e.g. steps, guidance)."""
+        return Pipeline(replace(self.cfg, **changes), self.unet, self.vae, self.text_encoder, self.tokenizer)
+
+
+def save_png(image: Image.Image, path: str | Path, settings: dict) -> Path:
+    """Write a PNG with the settings that reproduce it in its text metadata (key "p2p"), atomically."""
+    import json
+    import os
+
+    from PIL import PngImagePlugin
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("p2p", json.dumps(settings, sort_keys=True))
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path

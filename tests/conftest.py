@@ -1,0 +1,48 @@
+"""Shared pytest fixtures."""
+
+import gzip
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+def openai_bpe_path():
+    """OpenAI's CLIP BPE file shipped inside the open_clip package (found without importing it), or None."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    return path if path.is_file() else None
+
+
+def write_clip_vocab_dir(bpe_gz, out_dir):
+    """Write a diffusers-style tokenizer folder (vocab.json + merges.txt) from OpenAI's BPE file.
+
+    Follows OpenAI's recipe (clip/simple_tokenizer.py) independently of models/tokenizer.py:
+    256 byte symbols, the same with '</w>', one entry per merge, then the two special tokens.
+    """
+    visible = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    n_hidden = 256 - len(visible)
+    symbols = [chr(b) for b in sorted(visible)] + [chr(256 + i) for i in range(n_hidden)]
+    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_dir(tmp_path_factory):
+    """A diffusers-style CLIP tokenizer folder built from the real OpenAI vocabulary (read-only please)."""
+    bpe = openai_bpe_path()
+    if bpe is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("the real CLIP vocabulary is unavailable: open_clip/bpe_simple_vocab_16e6.txt.gz not "
+                    "found (pip install --no-deps open_clip_torch)")
+    return write_clip_vocab_dir(bpe, tmp_path_factory.mktemp("clip_tokenizer"))

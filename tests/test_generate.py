@@ -1,0 +1,112 @@
+"""A whole seeded generation from a diffusers folder equals diffusers' StableDiffusionPipeline."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from p2p.cli import main as cli
+from p2p.controllers import Controller, GuidanceLayout
+from p2p.pipeline import Pipeline
+from tests.tiny import reference_pipeline
+
+
+@pytest.fixture(scope="module")
+def folder(clip_vocab_dir, tmp_path_factory):
+    ref = reference_pipeline(clip_vocab_dir)
+    path = tmp_path_factory.mktemp("tiny_sd")
+    ref.save_pretrained(path, safe_serialization=True)
+    return ref, path
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return Pipeline.from_pretrained(folder[1], device="cpu")
+
+
+def reference_images(ref, prompt, seed, **kw):
+    out = ref(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kw).images
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_inference_steps=10, guidance_scale=7.5, height=64, width=64),
+    dict(num_inference_steps=6, guidance_scale=4.0, height=48, width=80, eta=0.5),
+    dict(num_inference_steps=5, guidance_scale=1.0, height=64, width=64),
+])
+def test_seeded_generation_equals_diffusers(folder, pipe, kw):
+    ref, _ = folder
+    prompt = "a photograph of an astronaut riding a horse"
+    expected = reference_images(ref, prompt, seed=3, **kw)[0]
+    (got,) = pipe.generate(prompt, seed=3, steps=kw["num_inference_steps"], guidance=kw["guidance_scale"],
+                           height=kw["height"], width=kw["width"], eta=kw.get("eta", 0.0), progress=False)
+    got = np.asarray(got)
+    assert expected.std() > 5  # not a flat image: the comparison means something
+    assert np.abs(got.astype(float) - expected).mean() <= 1.0  # within 1/255 on average (issue 2)
+
+
+def test_initial_latent_is_diffusers_draw(pipe):
+    z = pipe.initial_latent(42, 64, 64)
+    assert torch.equal(z, torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(42)))
+
+
+def test_text_states_equal_diffusers(folder, pipe):
+    ref, _ = folder
+    prompts = ["a cat", "an oil painting of a lighthouse at dusk, dramatic sky"]
+    expected, _ = ref.encode_prompt(prompts, "cpu", 1, False)
+    assert (pipe.encode_text(prompts) - expected).abs().max() <= 1e-4
+
+
+class Layouts(Controller):
+    def __init__(self):
+        self.calls = []
+
+    def begin_step(self, step, t, layout):
+        super().begin_step(step, t, layout)
+        self.calls.append((step, t, layout))
+
+
+def test_low_memory_equals_batched_and_controller_is_told_the_layout(pipe):
+    cond, uncond = pipe.encode_text(["a red cube", "a blue ball"]), pipe.encode_text([""])
+    z_T = pipe.initial_latent(0, 64, 64)
+    a, b = Layouts(), Layouts()
+    batched = pipe.denoise(z_T, cond, uncond, steps=4, guidance=7.5, controller=a, progress=False)
+    split = pipe.denoise(z_T, cond, uncond, steps=4, guidance=7.5, controller=b, low_memory=True, progress=False)
+    assert (batched - split).abs().max() <= 1e-4 * batched.abs().max()  # float reassociation only
+    ts = pipe.ddim.timesteps(4)
+    assert a.calls == [(i, t, GuidanceLayout(2, slice(0, 2), slice(2, 4))) for i, t in enumerate(ts)]
+    assert b.calls == [c for i, t in enumerate(ts) for c in ((i, t, GuidanceLayout(2, slice(0, 2), None)),
+                                                             (i, t, GuidanceLayout(2, None, slice(0, 2))))]
+
+
+def test_same_seed_same_image_and_shared_noise(pipe):
+    """Several prompts share z_T (Prompt-to-Prompt's setting): prompt k of a batch equals it alone."""
+    both = pipe.generate(["a red cube", "a blue ball"], seed=5, steps=3, progress=False)
+    alone = pipe.generate("a blue ball", seed=5, steps=3, progress=False)
+    assert np.abs(np.asarray(both[1], float) - np.asarray(alone[0], float)).max() <= 1
+
+
+def test_bad_size(pipe):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe.generate("a cat", height=60, steps=1, progress=False)
+
+
+def test_cli_generate_writes_png_with_settings(folder, tmp_path, capsys):
+    ref, path = folder
+    out = tmp_path / "cat.png"
+    assert cli(["generate", "--model", str(path), "--prompt", "a cat", "--seed", "7", "--steps", "4",
+                "--height", "64", "--width", "64", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    img = Image.open(out)
+    settings = json.loads(img.text["p2p"])
+    assert settings["prompt"] == "a cat" and settings["seed"] == 7 and settings["steps"] == 4
+    assert settings["guidance"] == 7.5
+    expected = reference_images(ref, "a cat", seed=7, num_inference_steps=4, height=64, width=64)[0]
+    assert np.abs(np.asarray(img.convert("RGB"), float) - expected).mean() <= 1.0
+
+
+def test_cli_reports_a_missing_model(tmp_path, capsys):
+    assert cli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "model not found" in err and "p2p download" in err
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,54 @@
+"""Reference models for tests: diffusers / transformers modules in our preset configs, random weights.
+
+`reference_pipeline` builds a diffusers `StableDiffusionPipeline` whose every network has the shape of
+one of our presets, with an SD-configured `DDIMScheduler`. Saved with `save_pretrained`, it is a
+diffusers folder exactly like the public ones, only small.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from models.presets import PRESETS, ModelConfig
+
+SD_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)
+
+
+def reference_unet(cfg) -> UNet2DConditionModel:
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    return UNet2DConditionModel(
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        down_block_types=down, up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down)),
+        cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.heads,
+        norm_num_groups=cfg.norm_num_groups).eval()
+
+
+def reference_vae(cfg) -> AutoencoderKL:
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+                         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n).eval()
+
+
+def reference_text_encoder(cfg) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+
+
+def reference_pipeline(tokenizer_dir, cfg: ModelConfig = PRESETS["tiny"], seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    unet, vae, text = reference_unet(cfg.unet), reference_vae(cfg.vae), reference_text_encoder(cfg.text)
+    with torch.no_grad():  # PyTorch's default init leaves conv_out tiny; widen it so eps is O(1)
+        unet.conv_out.weight.mul_(20)
+    tok = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_DDIM), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
