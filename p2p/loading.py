@@ -38,8 +38,8 @@ def read_model(path: str | Path, *, variant: str | None = None, ema: bool = True
 # --- diffusers folders -----------------------------------------------------------------------------
 
 def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
-    """The weights of one component folder: the requested variant, else fp32, else fp16; safetensors first."""
-    order = [variant] if variant else [None, "fp16"]
+    """The weights of one component folder: the requested variant, else fp32 (else fp16); safetensors first."""
+    order = [variant, None] if variant else [None, "fp16"]
     candidates = [folder / f"{stem}{'.' + v if v else ''}.{ext}" for ext in ("safetensors", "bin") for v in order]
     for c in candidates:
         if c.is_file():
@@ -103,7 +103,11 @@ def identify(sd: dict, path: Path) -> None:
 
 
 def read_single_file(path: Path, cfg: ModelConfig, ema: bool):
-    sd = read_tensors(path)
+    return split_single_file(read_tensors(path), cfg, ema, path), None
+
+
+def split_single_file(sd: dict, cfg: ModelConfig, ema: bool = True, path: Path | str = "checkpoint") -> dict:
+    """A CompVis single file's tensors -> {"unet", "vae", "text"} in our names; every key accounted for."""
     identify(sd, path)
     unet = split_prefix(sd, UNET)
     ema_keys = {k for k in sd if k.startswith("model_ema.")} - IGNORED_KEYS
@@ -120,4 +124,4 @@ def read_single_file(path: Path, cfg: ModelConfig, ema: bool):
     if leftover:
         raise CheckpointError(f"{path} holds {len(leftover)} entries that belong to no SD v1 network: "
                               f"{', '.join(sorted(leftover)[:8])}")
-    return sds, None
+    return sds

@@ -15,7 +15,7 @@ from p2p import download as dl
 
 HF = "https://huggingface.co"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = Path("/work/shared/reference/checkpoints.md")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints.md"  # beside the checkout, when present
 
 
 class _Handler(BaseHTTPRequestHandler):
