@@ -110,3 +110,11 @@ def test_cli_reports_a_missing_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model not found" in err and "p2p download" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_download_list_and_unknown_name(capsys):
+    assert cli(["download", "--list"]) == 0
+    assert "sd-v1-5-diffusers" in capsys.readouterr().out
+    assert cli(["download", "sd-v9", "--dir", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "sd-v9" in err and "sd-v1-5" in err

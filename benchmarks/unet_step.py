@@ -1,0 +1,86 @@
+"""Our UNet step against diffusers' UNet2DConditionModel at the same config and weights, in one process.
+
+    python benchmarks/unet_step.py                       # tiny and full SD v1 config, CPU, 32x32 latent
+    python benchmarks/unet_step.py --device cuda --dtype float16 --latent 64
+
+Prints the median time of a guided step (batch 2: [uncond | cond]) for both, and ours / diffusers
+(goal: at or below 1.0). Runs alternate between the two models so that machine noise hits both.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.presets import PRESETS  # noqa: E402
+from models.unet import UNet  # noqa: E402
+from tests.tiny import reference_unet  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn, device, repeats):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def run(preset: str, latent: int, device, dtype, rounds: int, repeats: int, batch: int):
+    cfg = PRESETS[preset].unet
+    torch.manual_seed(0)
+    ref = reference_unet(cfg)
+    ours = UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+    z = torch.randn(batch, cfg.in_channels, latent, latent, device=device, dtype=dtype)
+    ctx = torch.randn(batch, 77, cfg.cross_attention_dim, device=device, dtype=dtype)
+    with torch.inference_mode():
+        err = (ours(z, 981, ctx).float() - ref(z, 981, encoder_hidden_states=ctx).sample.float()).abs().max().item()
+        step_ours = lambda: ours(z, 981, ctx)  # noqa: E731
+        step_ref = lambda: ref(z, 981, encoder_hidden_states=ctx)  # noqa: E731
+        for f in (step_ours, step_ref):  # warm-up
+            bench(f, device, 1)
+        t_ours, t_ref = [], []
+        for _ in range(rounds):
+            t_ours.append(bench(step_ours, device, repeats))
+            t_ref.append(bench(step_ref, device, repeats))
+    a, b = statistics.median(t_ours), statistics.median(t_ref)
+    print(f"{preset:6s} latent {latent:3d} batch {batch} {str(dtype)[6:]:8s} {device.type:4s} | ours {a * 1e3:9.2f} ms | "
+          f"diffusers {b * 1e3:9.2f} ms | ours/diffusers {a / b:5.3f} | max abs diff {err:.2e}", flush=True)
+    del ref, ours
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--presets", default="tiny,sd-v1")
+    p.add_argument("--latent", type=int, default=32, help="latent side for the sd-v1 preset (64 = 512 px)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=2)
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
+    for preset in args.presets.split(","):
+        latent = args.latent if preset != "tiny" else PRESETS["tiny"].unet.sample_size
+        run(preset, latent, device, dtype, args.rounds, args.repeats, args.batch)
+
+
+if __name__ == "__main__":
+    main()
