@@ -44,11 +44,12 @@ class Site:
 class AttentionController(Protocol):
     """What the UNet needs of a controller: which sites it wants, and what it does with their maps.
 
-    `__call__` receives M of shape (batch, heads, queries, keys) and the spatial size (h, w) of the
-    queries (queries = h * w), and returns a tensor of the same shape. It must not modify M in place.
+    `wants` is asked at every call of every attention layer, with the spatial size (h, w) of the
+    queries at this call. `__call__` receives M of shape (batch, heads, queries, keys), queries = h * w,
+    and returns a tensor of the same shape. It must not modify M in place.
     """
 
-    def wants(self, site: Site) -> bool: ...
+    def wants(self, site: Site, hw: tuple[int, int]) -> bool: ...
 
     def __call__(self, M: torch.Tensor, site: Site, hw: tuple[int, int]) -> torch.Tensor: ...
 
@@ -79,7 +80,7 @@ class CrossAttention(nn.Module):
         ctx = x if context is None else context
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
-        if controller is not None and controller.wants(self.site):
+        if controller is not None and controller.wants(self.site, hw):
             M = attention_map(q, k, self.scale)  # (b, heads, queries, keys)
             M = controller(M, self.site, hw)
             out = torch.matmul(M.to(v.dtype), v)

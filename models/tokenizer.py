@@ -203,6 +203,10 @@ class CLIPTokenizer:
 
     __call__ = encode
 
+    def count(self, prompt: str) -> int:
+        """Length of the prompt's token sequence with bos and eos, before any truncation (fits if <= 77)."""
+        return len(self._encode([prompt])[0].ids) + 2
+
     def _warn_truncated(self, prompt, enc):
         dropped, cut = [], None
         for word in self._words(prompt, enc):

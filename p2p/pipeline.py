@@ -139,7 +139,8 @@ class Pipeline:
 
         `uncond` is the unconditional psi("") (B or 1 rows), or one such tensor per step (null-text
         inversion). With `low_memory` the two guidance branches run as two UNet calls. Guidance w <= 1
-        runs the conditional branch only (as diffusers).
+        runs the conditional branch only (as diffusers). With eta > 0 the fresh noise of each step is
+        drawn like z_T (one row when z_T has one) and shared by the prompts, as z_T is.
         """
         B = cond.shape[0]
         z = z_T.to(self.device, self.dtype).expand(B, *z_T.shape[1:])
@@ -164,8 +165,9 @@ class Pipeline:
                     eps_u, eps_c = self.unet(torch.cat([z, z]), t, torch.cat([u, cond]), ctl).chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             noise = None
-            if eta > 0:
-                noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+            if eta > 0:  # one draw per row of z_T: prompts that share z_T share the noise (as diffusers for B=1)
+                noise = torch.randn(z_T.shape, generator=generator, dtype=z.dtype, device=generator.device)
+                noise = noise.to(z.device).expand_as(z)
             z = self.ddim.step(eps, t, z, steps, eta=eta, noise=noise)
             z = ctl.end_step(i, z)
         return z

@@ -48,7 +48,7 @@ class Recorder(Controller):
     def __init__(self, select=lambda s: True, replace=None):
         self.select, self.replace, self.seen = select, replace, []
 
-    def wants(self, site):
+    def wants(self, site, hw):
         return self.select(site)
 
     def __call__(self, M, site, hw):
