@@ -55,9 +55,9 @@ class AttentionController(Protocol):
 
 
 def attention_map(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """M = softmax(Q K^T * scale) over the keys, the softmax in float32 (Eq. 1 of the paper)."""
+    """M = softmax(Q K^T * scale) over the keys (Eq. 1 of the paper), the softmax at least in float32."""
     sim = torch.matmul(q, k.transpose(-1, -2)) * scale
-    return sim.float().softmax(dim=-1).to(q.dtype)
+    return sim.to(torch.promote_types(sim.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
 
 
 class CrossAttention(nn.Module):

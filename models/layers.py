@@ -11,10 +11,10 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (as CompVis `GroupNorm32`): fp16 safe."""
+    """GroupNorm computed at least in float32 whatever the input dtype (as CompVis `GroupNorm32`): fp16 safe."""
 
     def forward(self, x):
-        if x.dtype == torch.float32:
+        if x.dtype in (torch.float32, torch.float64):
             return super().forward(x)
         w, b = self.weight.float(), self.bias.float()
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)

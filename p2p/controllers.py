@@ -104,7 +104,7 @@ class AttentionStore(Controller):
 
     def add(self, M_cond: torch.Tensor, site: Site, hw: tuple[int, int]) -> None:
         """Accumulate the conditional rows (B, heads, queries, keys) of one site at the current step."""
-        m = M_cond.float().mean(dim=1)  # (B, queries, keys)
+        m = M_cond.to(torch.promote_types(M_cond.dtype, torch.float32)).mean(dim=1)  # (B, queries, keys)
         self.sums[site] = self.sums[site] + m if site in self.sums else m
         self.counts[site] = self.counts.get(site, 0) + 1
         self.sizes[site] = hw
