@@ -1,0 +1,176 @@
+"""What an edit costs: a Prompt-to-Prompt edit of one source and one target against plain generation of the
+same two prompts (same batch, same steps), and against the authors' controllers on diffusers attention
+processors (tests/reference_p2p.py), all on the same random weights, in one process.
+
+    python benchmarks/edit_overhead.py                                  # full SD v1 config, 32x32 latent, CPU
+    python benchmarks/edit_overhead.py --device cuda --dtype float16 --latent 64 --steps 50
+
+Prints the median wall time of each variant, the ratios (goal: edit / plain <= 1.15, edit / diffusers
+processors < 1), and the peak memory of each variant (GPU: torch.cuda.max_memory_allocated; CPU: the
+peak RSS, above the RSS before the run, of a child process that runs only that variant).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.clip import CLIPTextModel  # noqa: E402
+from models.presets import PRESETS  # noqa: E402
+from models.tokenizer import CLIPTokenizer  # noqa: E402
+from models.unet import UNet  # noqa: E402
+from models.vae import AutoencoderKL  # noqa: E402
+from p2p.edit import EditSettings, build_controller  # noqa: E402
+from p2p.pipeline import Pipeline  # noqa: E402
+from tests import reference_p2p as R  # noqa: E402
+from tests.conftest import openai_bpe_path, write_clip_vocab_dir  # noqa: E402
+from tests.tiny import reference_pipeline  # noqa: E402
+
+SOURCE, TARGET = "a painting of a squirrel eating a burger", "a painting of a lion eating a burger"
+VARIANTS = ("plain", "edit", "edit+blend", "diffusers-plain", "diffusers-p2p")
+
+
+def build(args):
+    torch.manual_seed(0)
+    tok_dir = write_clip_vocab_dir(openai_bpe_path(), tempfile.mkdtemp())
+    cfg = PRESETS[args.preset]
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ref = reference_pipeline(tok_dir, cfg=cfg)
+    modules = []
+    for cls, c, src in ((UNet, cfg.unet, ref.unet), (AutoencoderKL, cfg.vae, ref.vae),
+                        (CLIPTextModel, cfg.text, ref.text_encoder)):
+        with torch.device("meta"):
+            m = cls(c)
+        m.load_state_dict({k.removeprefix("text_model."): v for k, v in src.state_dict().items()}, assign=True)
+        modules.append(m.to(device, dtype))
+    ours = Pipeline(cfg, *modules, CLIPTokenizer.from_path(tok_dir))
+    return ours, ref.to(device, dtype)
+
+
+def runner(name, ours, ref, args):
+    """A function that runs the variant once (no VAE decoding: the denoising loop is what differs)."""
+    size = args.latent * ours.cfg.vae_scale
+    blend_res = max(ours.cfg.unet.sample_size // 4, 1)
+    s = EditSettings(SOURCE, targets=(TARGET,), steps=args.steps, blend=("squirrel", "lion") if "blend" in name else (),
+                     blend_res=blend_res, height=size, width=size)
+    cond, uncond = ours.encode_text(s.prompts), ours.encode_text([""])
+    z_T = ours.initial_latent(0, size, size)
+    if name == "plain":
+        return lambda: ours.denoise(z_T, cond, uncond, steps=args.steps, guidance=7.5, progress=False)
+    if name.startswith("edit"):
+        return lambda: ours.denoise(z_T, cond, uncond, steps=args.steps, guidance=7.5, progress=False,
+                                    controller=build_controller(s, ours.tokenizer, args.steps))
+
+    def reference():
+        ctl = None if name == "diffusers-plain" else R.AttentionReplace(s.prompts, args.steps, 0.8, 0.4,
+                                                                         tokenizer=ref.tokenizer)
+        # the authors' loop, without the final decode
+        with torch.no_grad():
+            ids = ref.tokenizer(s.prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            ctx = ref.text_encoder(ids.to(ref.device))[0]
+            un = ref.text_encoder(ref.tokenizer([""] * 2, padding="max_length", max_length=77,
+                                                return_tensors="pt").input_ids.to(ref.device))[0]
+            context = torch.cat([un, ctx]).to(ref.unet.dtype)
+            previous = R.register_attention_control(ref.unet, ctl or R._DummyController()) if ctl else None
+            try:
+                sched = R.DDIMScheduler(**R.SD_V1_DDIM)
+                sched.set_timesteps(args.steps)
+                z = z_T.to(ref.device, ref.unet.dtype).expand(2, *z_T.shape[1:])
+                for t in sched.timesteps:
+                    z = R.diffusion_step(ref.unet, sched, ctl or R._DummyController(), z, context, t, 7.5)
+            finally:
+                if previous is not None:
+                    ref.unet.set_attn_processor(dict(previous))
+        return z
+    return reference
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def rss_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_of(name, args, queue):
+    """Child process: build, then run one variant once; report its peak RSS above the RSS before it, in MiB."""
+    ours, ref = build(args)
+    fn = runner(name, ours, ref, args)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current RSS (Linux)
+    before = rss_kib("VmRSS")
+    with torch.inference_mode():
+        fn()
+    queue.put((rss_kib("VmHWM") - before) / 1024)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="sd-v1")
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory runs")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    ours, ref = build(args)
+    fns = {name: runner(name, ours, ref, args) for name in VARIANTS}
+    with torch.inference_mode():
+        for f in fns.values():
+            f()  # warm-up
+        times = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):  # interleaved, so machine noise hits every variant alike
+            for name, f in fns.items():
+                times[name].append(timed(f, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    memory = {}
+    if device.type == "cuda":
+        for name, f in fns.items():
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                f()
+            memory[name] = torch.cuda.max_memory_allocated() / 2 ** 20
+    elif not args.no_memory:
+        ctx = mp.get_context("spawn")
+        for name in VARIANTS:
+            q = ctx.Queue()
+            proc = ctx.Process(target=peak_of, args=(name, args, q))
+            proc.start()
+            memory[name] = q.get()
+            proc.join()
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.preset}, latent {args.latent}x{args.latent}, 2 prompts, {args.steps} steps, {args.dtype}, {dev}")
+    for name in VARIANTS:
+        mem = f" | peak {memory[name]:8.0f} MiB" if name in memory else ""
+        print(f"  {name:16s} {med[name]:8.3f} s{mem}")
+    print(f"  edit / plain                       {med['edit'] / med['plain']:.3f}   (goal <= 1.15)")
+    print(f"  edit+blend / plain                 {med['edit+blend'] / med['plain']:.3f}")
+    print(f"  edit / diffusers-processor P2P     {med['edit'] / med['diffusers-p2p']:.3f}   (goal < 1)")
+    print(f"  diffusers-processor P2P / its plain {med['diffusers-p2p'] / med['diffusers-plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
