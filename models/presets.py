@@ -28,6 +28,10 @@ class ModelConfig:
     guidance: float = 7.5  # classifier-free guidance scale w
     steps: int = 50
     image_size: int = 512  # pixels; the latent side is image_size / vae_scale
+    # Prompt-to-Prompt defaults that depend on the network's resolutions (the authors' values for SD v1)
+    blend_res: int = 16  # native side of the cross-attention maps local blending is made from
+    self_max_keys: float = 16 ** 2  # self-attention is injected on layers with at most this many keys
+    store_max_queries: float = 32 ** 2  # the attention store keeps layers with at most this many queries
 
     @property
     def vae_scale(self) -> int:
@@ -42,7 +46,7 @@ PRESETS: dict[str, ModelConfig] = {
         unet=UNetConfig(block_out_channels=(32, 64, 64, 64), heads=4, cross_attention_dim=32, sample_size=8),
         vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
         text=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        image_size=64,
+        image_size=64, blend_res=2,
     ),
 }
 

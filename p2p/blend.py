@@ -12,6 +12,7 @@ variant, blending may start late (`start`) and a second set of words can be cut 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -64,7 +65,7 @@ class LocalBlend:
         self.threshold, self.subtract_threshold = threshold, subtract_threshold
         self.start = int(start * steps)
         # the maps it needs: cross-attention at the blend resolution, all steps, every place
-        self.store = AttentionStore(SiteSelection(res=(res,)), kinds=("cross",), max_queries=None)
+        self.store = AttentionStore(SiteSelection(res=(res,)), kinds=("cross",), max_queries=math.inf)
         self.res = res
 
     def mask(self, latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -6,6 +6,7 @@ naming the problem and the fix, with exit status 2; anything else is a bug and k
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -124,8 +125,9 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--self-places", type=lambda t: tuple(t.split(",")), help="down,mid,up subset for self injection")
     g.add_argument("--cross-blocks", type=ints, help="transformer block indices (0..15) for cross injection")
     g.add_argument("--self-blocks", type=ints, help="transformer block indices for self injection")
-    g.add_argument("--self-max-keys", type=lambda t: None if t == "none" else int(t), default=argparse.SUPPRESS,
-                   help="inject self-attention only where keys <= N (default 256, the authors'; 'none': everywhere)")
+    g.add_argument("--self-max-keys", type=lambda t: math.inf if t == "all" else int(t),
+                   help="inject self-attention only where keys <= N (default: the model's, 256 for SD v1 as the "
+                   "authors; 'all': every layer)")
 
 
 def edit_settings(args):
@@ -154,7 +156,7 @@ def edit_settings(args):
             cur = getattr(s, f"{kind}_sites")
             sel = {k: v for k, v in sel.items() if v is not None}
             s = replace(s, **{f"{kind}_sites": SiteSelection(**{**cur.__dict__, **sel})})
-    if hasattr(args, "self_max_keys"):  # given on the command line (None means no cap)
+    if args.self_max_keys is not None:
         s = replace(s, self_max_keys=args.self_max_keys)
     return s
 
@@ -193,14 +195,15 @@ def cmd_sweep(args) -> int:
 
 def cmd_attention(args) -> int:
     from .attention_maps import component_sheet, self_attention_components, token_maps, token_sheet
-    from .controllers import AttentionStore
-    from .edit import EditSettings, grid, run_edit
+    from .controllers import AttentionStore, SiteSelection
+    from .edit import grid, run_edit
     from .pipeline import save_png
 
     pipe = load_pipeline(args)
     steps = args.steps or pipe.cfg.steps
     window = tuple(int(float(x) * steps) for x in args.window.split(",")) if args.window else None
-    store = AttentionStore(max_queries=None if args.res > 32 else 32 ** 2, steps=window)
+    kinds = ("cross", "self") if args.self_components else ("cross",)
+    store = AttentionStore(SiteSelection(res=(args.res,)), kinds, max_queries=math.inf, steps=window)  # only what is shown
     places = tuple(args.places.split(","))
     if args.target:
         settings = edit_settings(args)

@@ -86,7 +86,7 @@ class AttentionStore(Controller):
     32 x 32 queries (the 64 x 64 layers are skipped), every step.
     """
 
-    def __init__(self, sites: SiteSelection = ALL_SITES, kinds=("cross", "self"), max_queries: int | None = 32 ** 2,
+    def __init__(self, sites: SiteSelection = ALL_SITES, kinds=("cross", "self"), max_queries: float = 32 ** 2,
                  steps: tuple[int, int] | None = None):
         self.sites, self.kinds, self.max_queries, self.steps = sites, tuple(kinds), max_queries, steps
         self.sums: dict[Site, torch.Tensor] = {}
@@ -95,7 +95,7 @@ class AttentionStore(Controller):
 
     def wants(self, site, hw):
         return (self.layout is not None and self.layout.cond is not None and site.kind in self.kinds
-                and site in self.sites and (self.max_queries is None or hw[0] * hw[1] <= self.max_queries)
+                and site in self.sites and hw[0] * hw[1] <= self.max_queries
                 and (self.steps is None or self.steps[0] <= self.step < self.steps[1]))
 
     def __call__(self, M, site, hw):

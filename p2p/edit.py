@@ -21,6 +21,8 @@ from .align import refine_mappers, replace_mappers
 from .blend import LocalBlend
 from .controllers import AttentionStore, SiteSelection
 from .edits import Edit, Refine, Replace, Reweight, as_window, cross_schedule, self_window
+from models.presets import PRESETS, ModelConfig
+
 from .pipeline import Pipeline, save_png
 
 MODES = ("replace", "refine", "reweight")
@@ -38,10 +40,10 @@ class EditSettings:
     blend_subtract: tuple = ()  # words cut out of the blend mask
     blend_threshold: float = 0.3
     blend_start: float = 0.0  # fraction of steps before blending starts (null-text notebook: 0.2)
-    blend_res: int = 16  # native resolution of the cross-attention maps the mask is made from
+    blend_res: int | None = None  # native side of the maps the mask is made from (None: the model's, SD v1 16)
     cross_sites: SiteSelection = SiteSelection()  # where cross-attention is injected (ablations)
     self_sites: SiteSelection = SiteSelection()
-    self_max_keys: int | None = 16 ** 2  # the authors inject self-attention only on layers with <= 256 keys
+    self_max_keys: float | None = None  # self-injection only where keys <= this (None: the model's, SD v1 256; inf: all)
     seed: int = 0
     steps: int | None = None  # None: the model's default (50)
     guidance: float | None = None  # None: the model's default (7.5 for SD v1)
@@ -105,8 +107,10 @@ def check(settings: EditSettings, tokenizer) -> None:
                              "shorten it (an edit aligns tokens, so it cannot run on a truncated prompt)")
 
 
-def build_controller(settings: EditSettings, tokenizer, steps: int, store: AttentionStore | None = None) -> Edit:
-    """The Edit controller of the settings, for a sampler of `steps` steps."""
+def build_controller(settings: EditSettings, tokenizer, steps: int, store: AttentionStore | None = None,
+                     model: ModelConfig = PRESETS["sd-v1"]) -> Edit:
+    """The Edit controller of the settings, for a sampler of `steps` steps; `model` gives the defaults that
+    depend on the network's resolutions."""
     check(settings, tokenizer)
     s, prompts = settings, settings.prompts
     source, targets = prompts[0], prompts[1:]
@@ -120,9 +124,11 @@ def build_controller(settings: EditSettings, tokenizer, steps: int, store: Atten
     blend = None
     if s.blend:
         blend = LocalBlend(tokenizer, prompts, list(s.blend), steps, subtract=list(s.blend_subtract),
-                           threshold=s.blend_threshold, start=s.blend_start, res=s.blend_res)
+                           threshold=s.blend_threshold, start=s.blend_start,
+                           res=model.blend_res if s.blend_res is None else s.blend_res)
     return Edit(edit, cross_schedule(tokenizer, prompts, steps, s.cross_replace), self_window(steps, s.self_replace),
-                cross_sites=s.cross_sites, self_sites=s.self_sites, self_max_keys=s.self_max_keys, blend=blend,
+                cross_sites=s.cross_sites, self_sites=s.self_sites, blend=blend,
+                self_max_keys=model.self_max_keys if s.self_max_keys is None else s.self_max_keys,
                 store=store)
 
 
@@ -161,7 +167,7 @@ def run_edit(pipe: Pipeline, settings: EditSettings, *, store: AttentionStore | 
     """Algorithm 1: the source and every edit denoised together from the seed's z_T."""
     s = settings
     steps = s.steps or pipe.cfg.steps
-    ctl = build_controller(s, pipe.tokenizer, steps, store=store)
+    ctl = build_controller(s, pipe.tokenizer, steps, store=store, model=pipe.cfg)
     height, width = s.height or pipe.cfg.image_size, s.width or pipe.cfg.image_size
     g = torch.Generator("cpu").manual_seed(s.seed)
     z_T = torch.randn(pipe.latent_shape(height, width), generator=g)

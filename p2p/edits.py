@@ -121,13 +121,13 @@ class Edit(Controller):
     """Applies a cross-attention edit and self-attention injection to prompts[1:] from prompts[0].
 
     `cross_sites` / `self_sites` restrict where maps are injected (ablations); `self_max_keys` is the
-    authors' cap on self-injection (None: no cap). `blend` (a LocalBlend) rewrites the latents after
+    authors' cap on self-injection (math.inf: no cap). `blend` (a LocalBlend) rewrites the latents after
     each step; `store` (an AttentionStore) records the maps as used, edits included.
     """
 
     def __init__(self, edit: CrossEdit, cross_alpha: torch.Tensor, self_steps: tuple[int, int], *,
                  cross_sites: SiteSelection = ALL_SITES, self_sites: SiteSelection = ALL_SITES,
-                 self_max_keys: int | None = 16 ** 2, blend=None, store: AttentionStore | None = None):
+                 self_max_keys: float = 16 ** 2, blend=None, store: AttentionStore | None = None):
         self.edit, self.alpha, self.self_steps = edit, cross_alpha, self_steps
         self.cross_sites, self.self_sites, self.self_max_keys = cross_sites, self_sites, self_max_keys
         self.blend = blend
@@ -150,7 +150,7 @@ class Edit(Controller):
         if site.is_cross:
             return site in self.cross_sites and bool(self.alpha[self.step].any())
         return (site in self.self_sites and self.self_steps[0] <= self.step < self.self_steps[1]
-                and (self.self_max_keys is None or hw[0] * hw[1] <= self.self_max_keys))
+                and hw[0] * hw[1] <= self.self_max_keys)
 
     def wants(self, site, hw):
         if self.layout is None or self.layout.cond is None:

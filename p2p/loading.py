@@ -67,7 +67,9 @@ def read_folder(path: Path, variant: str | None):
     sched = path / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         cfg = replace(cfg, ddim=cfg.ddim.updated(read_json(sched)))
-    cfg = replace(cfg, image_size=cfg.unet.sample_size * cfg.vae_scale)
+    n = cfg.unet.sample_size  # the authors' SD v1 choices (64x64 latent) relative to the native latent size
+    cfg = replace(cfg, image_size=n * cfg.vae_scale, blend_res=max(n // 4, 1), self_max_keys=max(n // 4, 1) ** 2,
+                  store_max_queries=max(n // 2, 1) ** 2)
     if cfg.unet.cross_attention_dim != cfg.text.hidden_size:
         raise CheckpointError(f"{path}: the UNet cross-attends to width {cfg.unet.cross_attention_dim} but the text "
                               f"encoder is {cfg.text.hidden_size} wide (SD v1 is 768 and 768)")

@@ -1,4 +1,5 @@
 """Prompt-to-Prompt controllers: hand-built maps with results computed here, and end-to-end properties."""
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def test_self_injection_window_and_key_cap(tok):
     assert torch.equal(out[3], M[2]) and torch.equal(out[:3], M[:3])
     ctl.begin_step(3, 701, GuidanceLayout.batched(2))
     assert not ctl.wants(SELF16, (16, 16))
-    uncapped = make_edit(tok, self_max_keys=None)
+    uncapped = make_edit(tok, self_max_keys=math.inf)
     uncapped.begin_step(1, 901, GuidanceLayout.batched(2))
     assert uncapped.wants(SELF32, (32, 32))
 
@@ -222,7 +223,7 @@ def tiny(prompt, targets, **kw):
 
 def test_identical_prompts_with_full_injection_give_the_source(pipe):
     s = tiny("a red cube on a table", ["a red cube on a table"], cross_replace=1.0, self_replace=1.0,
-             self_max_keys=None)
+             self_max_keys=math.inf)
     r = run_edit(pipe, s, progress=False)
     assert torch.equal(r.z_0[0], r.z_0[1])
 
@@ -232,7 +233,7 @@ def test_reweight_with_c_1_changes_nothing(pipe):
     same = run_edit(pipe, tiny("a cat on a chair", ["a dog on a chair"], reweight={"dog": 1.0}), progress=False)
     assert torch.equal(base.z_0, same.z_0)
     fader = run_edit(pipe, tiny("a cat on a chair", [], mode="reweight", reweight={"cat": 1.0},
-                                cross_replace=1.0, self_replace=1.0, self_max_keys=None), progress=False)
+                                cross_replace=1.0, self_replace=1.0, self_max_keys=math.inf), progress=False)
     assert torch.equal(fader.z_0[0], fader.z_0[1])
 
 
