@@ -39,8 +39,9 @@ def compare(pair, settings: EditSettings, controller, size=64):
 
 def settings(prompt, targets, **kw):
     size = kw.pop("size", 64)
+    # the reference's self-injection cap is the authors' absolute 16 x 16 keys: every layer of the tiny model
     return EditSettings(prompt, targets=tuple(targets), steps=STEPS, seed=kw.pop("seed", 1), height=size, width=size,
-                        **kw)
+                        self_max_keys=16 ** 2, **kw)
 
 
 @pytest.mark.parametrize("cross,self_", [(0.8, 0.4), ({"default_": 1.0, "dog": 0.4}, 0.6), ((0.2, 0.7), (0.1, 0.5))])
