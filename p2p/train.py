@@ -1,0 +1,295 @@
+"""Train the embedded default model: a tiny latent text-to-image model of the procedural scenes.
+
+    python -m p2p.train --out runs/embedded            # all stages, resumable: run it again to continue
+    python -m p2p.train --out runs/embedded --export p2p/embedded
+
+Three stages, each seeded and checkpointed (model, optimiser, step, RNG) so that an interrupted run
+continues where it stopped:
+  1. tokenizer: a CLIP-format BPE (vocab.json + merges.txt) learned with `tokenizers` on the captions;
+  2. vae: the KL autoencoder (our AutoencoderKL), reconstruction + a small KL term (Rombach et al. 2022);
+  3. diffusion: the UNet and the CLIP-style text encoder, from scratch and jointly, with the epsilon
+     objective ||eps - eps_theta(z_t, t, psi(P))||^2 of DDPM on SD v1's noise schedule, the caption
+     dropped 10% of the time so that classifier-free guidance works (Ho & Salimans 2022).
+The networks are the SD code paths (models/) at a small size: preset "embedded" in models/presets.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from models.clip import CLIPTextConfig, CLIPTextModel
+from models.ddim import DDIM
+from models.presets import ModelConfig, to_toml
+from models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unicode
+from models.unet import UNet, UNetConfig
+from models.vae import AutoencoderKL, VAEConfig
+
+from . import scenes
+
+# The embedded model: SD v1's code paths at a toy size. 64 px images, a KL-f4 autoencoder (16x16x4 latents),
+# a UNet with attention at 16x16 and 8x8 and in the mid block at 4x4 (7 transformer blocks, as SD's 16 at
+# 64/32/16/8), a 3-layer CLIP-style text encoder over the caption vocabulary. Mirrored in models/presets.py.
+EMBEDDED = ModelConfig(
+    "sd-v1",
+    unet=UNetConfig(block_out_channels=(48, 96, 96), attention_levels=(True, True, False), layers_per_block=1,
+                    heads=4, cross_attention_dim=128, norm_num_groups=16, sample_size=16),
+    vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8),
+    text=CLIPTextConfig(vocab_size=0, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                        num_attention_heads=4),
+    guidance=5.0, steps=50, image_size=64, blend_res=8, self_max_keys=8 ** 2, store_max_queries=16 ** 2,
+)
+
+
+# --- stage 1: the caption tokenizer ----------------------------------------------------------------------
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges, learned with `tokenizers` in the CLIP format (byte-level symbols, '</w>' word ends),
+    enough of them that every word of the caption grammar is a single token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(words, trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def build_tokenizer(out_dir: Path) -> CLIPTokenizer:
+    words = scenes.vocabulary() + ["a", "and", "on", "background"]
+    merges = learn_merges(sorted(set(words)))
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tok = CLIPTokenizer.from_path(out_dir)
+    long = [w for w in set(words) if len(tok.tokens(w)) != 1]
+    if long:
+        raise RuntimeError(f"words that are not single tokens: {long}")
+    return tok
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(i, np.float32) for i in images])).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def dataset(n: int, seed: int, cache: Path):
+    """n (image tensor, caption) pairs from the scene generator, cached on disk as uint8."""
+    if cache.is_file():
+        d = torch.load(cache, weights_only=True)
+        return d["images"], d["captions"]
+    images, captions = [], []
+    for start in tqdm(range(0, n, 1000), desc="rendering scenes", leave=False):
+        batch = scenes.sample(min(1000, n - start), seed + start)
+        images.append(torch.from_numpy(np.stack([np.asarray(i) for i, _, _ in batch])))
+        captions += [c for _, c, _ in batch]
+    images = torch.cat(images).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
+    torch.save({"images": images, "captions": captions}, cache)
+    return images, captions
+
+
+def as_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+def save_state(path: Path, step: int, modules: dict, opt, extra=None):
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
+                "rng": torch.get_rng_state(), "extra": extra or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, modules: dict, opt):
+    s = torch.load(path, weights_only=True)
+    for k, m in modules.items():
+        m.load_state_dict(s["modules"][k])
+    opt.load_state_dict(s["opt"])
+    torch.set_rng_state(s["rng"])
+    return s["step"], s["extra"]
+
+
+class Log:
+    """Appends one JSON line per logged step (loss curves survive interruptions)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# --- stage 2: the autoencoder ------------------------------------------------------------------------------
+
+def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, batch: int, lr: float, seed: int,
+              kl_weight: float = 1e-6) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(cfg.vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    ckpt, log = run / "vae.pt", Log(run / "vae_log.jsonl")
+    step = load_state(ckpt, {"vae": vae}, opt)[0] if ckpt.is_file() else 0
+    g = torch.Generator().manual_seed(seed + step)
+    bar = tqdm(total=steps, initial=step, desc="vae")
+    while step < steps:
+        x = as_float(images[torch.randint(len(images), (batch,), generator=g)])
+        mean, logvar = vae.posterior(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        rec = vae.decoder(vae.post_quant_conv(z))
+        rec_loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = rec_loss + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.0f}")
+            log(step=step, rec=rec_loss.item(), kl=kl.item())
+        if step % 500 == 0 or step == steps:
+            save_state(ckpt, step, {"vae": vae}, opt)
+    bar.close()
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae: AutoencoderKL, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Posterior means of every image, unscaled (B, 4, h, w)."""
+    return torch.cat([vae.posterior(as_float(images[i:i + batch]))[0] for i in range(0, len(images), batch)])
+
+
+# --- stage 3: the diffusion model --------------------------------------------------------------------------
+
+def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, run: Path,
+                    steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, ema_decay: float = 0.999):
+    torch.manual_seed(seed)
+    unet, text = UNet(cfg.unet), CLIPTextModel(cfg.text)
+    ema_unet, ema_text = UNet(cfg.unet).requires_grad_(False), CLIPTextModel(cfg.text).requires_grad_(False)
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_text.load_state_dict(text.state_dict())
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+    ckpt, log = run / "diffusion.pt", Log(run / "diffusion_log.jsonl")
+    step = load_state(ckpt, modules, opt)[0] if ckpt.is_file() else 0
+    alpha_bar = DDIM(cfg.ddim).alpha_bar
+    g = torch.Generator().manual_seed(seed + step)
+    warmup = 500
+    bar = tqdm(total=steps, initial=step, desc="diffusion")
+    while step < steps:
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        z0 = latents[idx] * cfg.vae.scaling_factor
+        tokens = ids[idx].clone()
+        tokens[torch.rand(batch, generator=g) < p_uncond] = empty_ids  # learn psi("") for guidance
+        t = torch.randint(cfg.ddim.num_train_timesteps, (batch,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # q(z_t | z_0)
+        loss = F.mse_loss(unet(z_t, t, text(tokens)), eps)
+        for group in opt.param_groups:  # linear warm-up, then cosine decay to 10%
+            frac = step / max(steps, 1)
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text)):
+                for pe, p in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(p, 1 - ema_decay)
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+        if step % 500 == 0 or step == steps:
+            save_state(ckpt, step, modules, opt)
+    bar.close()
+    return ema_unet.eval(), ema_text.eval()
+
+
+# --- export ------------------------------------------------------------------------------------------------
+
+def export(out: Path, cfg: ModelConfig, unet, vae, text, tokenizer_dir: Path, meta: dict) -> None:
+    """A native model folder: model.toml, model.safetensors (fp16, prefixes unet./vae./text.), tokenizer/."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}.{k}": v.detach().to(torch.float16).contiguous()
+               for name, m in (("unet", unet), ("vae", vae), ("text", text)) for k, v in m.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "p2p-native"})
+    (out / "model.toml").write_text(to_toml(cfg))
+    tok_out = out / "tokenizer"
+    tok_out.mkdir(exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        (tok_out / name).write_bytes((tokenizer_dir / name).read_bytes())
+    (out / "train.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/embedded", help="run folder: checkpoints, logs, cached data")
+    p.add_argument("--export", help="also write the trained model as a native model folder here")
+    p.add_argument("--images", type=int, default=60_000)
+    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20_000, help="diffusion training steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Path(args.out)
+    run.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tok = build_tokenizer(run / "tokenizer")
+    cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size))
+    images, captions = dataset(args.images, args.seed, run / "data.pt")
+    vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, 1e-3, args.seed)
+    latents_path = run / "latents.pt"
+    if latents_path.is_file():
+        latents = torch.load(latents_path, weights_only=True)
+    else:
+        latents = encode_all(vae, images)
+        torch.save(latents, latents_path)
+    cfg = replace(cfg, vae=replace(cfg.vae, scaling_factor=round(1.0 / latents.std().item(), 5)))
+    ids = tok.encode(captions)
+    unet, text = train_diffusion(cfg, latents, ids, tok.encode([""])[0], run, args.steps, args.batch, args.lr, args.seed)
+    meta = {"command": "python -m p2p.train " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+            "commit": git_commit(), "seconds": round(time.time() - t0), "args": vars(args),
+            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                        f"torch {torch.__version__}", "config": asdict(cfg)}
+    (run / "train.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if args.export:
+        export(Path(args.export), cfg, unet, vae, text, run / "tokenizer", meta)
+
+
+if __name__ == "__main__":
+    main()
