@@ -1,9 +1,10 @@
 """Reading public checkpoints into our modules: file formats, key layouts, and strict checks.
 
-Our module names are the diffusers names, so a diffusers folder (`unet/`, `vae/`, `text_encoder/`)
-loads by name. The CompVis single files (`v1-5-pruned-emaonly.safetensors`, `sd-v1-4.ckpt`) use the
-original names; they are renamed by prefix pairs (enumerated from the config, because block indices
-are arithmetic) followed by the sub-key tables below. Every key of a file is consumed or on a named
+Our module names are the diffusers names, so a diffusers folder (`unet/`, `vae/`, `text_encoder/`;
+LDM: `unet/`, `vqvae/`, `bert/`) loads by name. The CompVis single files (`v1-5-pruned-emaonly.safetensors`,
+`sd-v1-4.ckpt`, LDM's `text2img-large/model.ckpt`) use the original names; they are renamed by prefix
+pairs (enumerated from the config, because block indices are arithmetic) followed by the sub-key
+tables below. Every key of a file is consumed or on a named
 ignore list, every shape is checked, and a mismatch raises one `CheckpointError` naming the missing,
 unexpected and mis-shaped keys. Pickles are read with `torch.load(weights_only=True)`: no code runs.
 """
@@ -129,6 +130,32 @@ def unet_prefixes(cfg: UNetConfig) -> dict[str, str]:
     return pairs
 
 
+# LDM's text encoder: x-transformers `TransformerWrapper` (CompVis names, `cond_stage_model.transformer.`
+# stripped) -> diffusers LDMBert. Layer pairs alternate attention ('a') and feed-forward ('f'): x-transformers
+# layer 2i is the attention of LDMBert layer i, layer 2i + 1 its feed-forward.
+LDMBERT_FIXED = {"token_emb.": "model.embed_tokens.", "pos_emb.emb.": "model.embed_positions.",
+                 "norm.": "model.layer_norm.", "to_logits.": "to_logits."}
+LDMBERT_LAYER = {  # (0 attention | 1 feed-forward, x-transformers sub-module) -> LDMBert sub-module of layer i
+    (0, "0"): "self_attn_layer_norm", (0, "1.to_q"): "self_attn.q_proj", (0, "1.to_k"): "self_attn.k_proj",
+    (0, "1.to_v"): "self_attn.v_proj", (0, "1.to_out"): "self_attn.out_proj",
+    (1, "0"): "final_layer_norm", (1, "1.net.0.0"): "fc1", (1, "1.net.2"): "fc2",
+}
+
+
+def ldmbert_prefixes(layers: int) -> dict[str, str]:
+    pairs = dict(LDMBERT_FIXED)
+    for i in range(layers):
+        for (half, old), new in LDMBERT_LAYER.items():
+            pairs[f"attn_layers.layers.{2 * i + half}.{old}."] = f"model.layers.{i}.{new}."
+    return pairs
+
+
+def ldmbert_from_compvis(sd: dict, layers: int) -> dict:
+    """LDM text-encoder weights with `cond_stage_model.transformer.` stripped -> our (diffusers) names."""
+    pre = ldmbert_prefixes(layers)
+    return {rename(k, pre, {}): v for k, v in sd.items()}
+
+
 def vae_prefixes(levels: int) -> dict[str, str]:
     """CompVis `encoder.down.i` / `decoder.up.i` -> our `down_blocks.i` / `up_blocks.(n-1-i)` (reversed)."""
     pairs = dict(VAE_FIXED)
@@ -193,13 +220,14 @@ def _listing(keys, limit=8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_module(module: torch.nn.Module, sd: dict, what: str, *, dtype=None, device=None,
-                ignore: set[str] = frozenset()) -> torch.nn.Module:
-    """Load `sd` into `module` (built on the meta device or not), requiring an exact fit.
+def check_fit(module: torch.nn.Module, sd: dict, what: str, *, ignore: set[str] = frozenset()) -> dict:
+    """`sd` without the keys we drop, after checking that it fits `module` exactly (any device, meta too).
 
-    Keys in `ignore`, in IGNORED_KEYS, or ending in IGNORED_SUFFIXES are dropped silently; anything
-    else that is missing, unexpected or mis-shaped is reported in one CheckpointError.
+    Keys in `ignore`, in the module's `unused_keys` (weights a checkpoint holds that the model does not
+    use, e.g. LDMBert's `to_logits`), in IGNORED_KEYS, or ending in IGNORED_SUFFIXES are dropped silently;
+    anything else that is missing, unexpected or mis-shaped is reported in one CheckpointError.
     """
+    ignore = set(ignore) | set(getattr(module, "unused_keys", ()))
     sd = {k: v for k, v in sd.items()
           if k not in ignore and k not in IGNORED_KEYS and not k.endswith(IGNORED_SUFFIXES)}
     own = module.state_dict()
@@ -211,7 +239,14 @@ def load_module(module: torch.nn.Module, sd: dict, what: str, *, dtype=None, dev
                  f"{len(unexpected)} unexpected: {_listing(unexpected)}" if unexpected else "",
                  f"{len(misshaped)} mis-shaped: {_listing(misshaped, 4)}" if misshaped else ""]
         raise CheckpointError(f"the {what} weights do not fit the {what} model; " + "; ".join(p for p in parts if p))
-    dtype = dtype or next(iter(own.values())).dtype
+    return sd
+
+
+def load_module(module: torch.nn.Module, sd: dict, what: str, *, dtype=None, device=None,
+                ignore: set[str] = frozenset()) -> torch.nn.Module:
+    """Load `sd` into `module` (built on the meta device or not), requiring an exact fit (`check_fit`)."""
+    sd = check_fit(module, sd, what, ignore=ignore)
+    dtype = dtype or next(iter(module.state_dict().values())).dtype
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
           for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=True)

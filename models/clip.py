@@ -27,6 +27,11 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"  # x * sigmoid(1.702 x); "gelu" also accepted (small test models)
     layer_norm_eps: float = 1e-5
 
+    @property
+    def width(self) -> int:
+        """Width of the text states psi(P), what the UNet's cross-attention keys are computed from."""
+        return self.hidden_size
+
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 

@@ -35,9 +35,21 @@ class DDIMConfig:
     prediction_type: str = "epsilon"
 
     def updated(self, values: dict) -> DDIMConfig:
-        """This config with the keys of a diffusers `scheduler_config.json` that it knows overlaid."""
+        """This config with the keys of a diffusers `scheduler_config.json` that it knows overlaid.
+
+        Keys it does not know are ignored, unless they ask for something DDIM here does not do."""
+        bad = [f"{k}={values[k]!r}" for k, off in UNSUPPORTED.items() if values.get(k, off) != off]
+        if bad:
+            raise ValueError(f"the scheduler config sets {', '.join(bad)}, which this DDIM does not implement")
         known = {f.name for f in fields(self)}
         return DDIMConfig(**{**self.__dict__, **{k: v for k, v in values.items() if k in known}})
+
+
+UNSUPPORTED = {"thresholding": False, "rescale_betas_zero_snr": False, "trained_betas": None}  # key -> the off value
+# What current diffusers' DDIMScheduler assumes for a key its scheduler_config.json lacks (an old LDM config has
+# no steps_offset / set_alpha_to_one: timesteps 980, ..., 0 and a final alpha_bar of 1).
+DIFFUSERS_DEFAULTS = DDIMConfig(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0,
+                                set_alpha_to_one=True, clip_sample=True)
 
 
 class DDIM:

@@ -1,7 +1,9 @@
 """Whole-model configurations: named presets, their TOML mirrors in configs/models/, diffusers configs.
 
 A `ModelConfig` bundles the configs of the UNet, the VAE, the text encoder and the DDIM schedule with
-the family's sampling defaults. Presets live here as frozen dataclasses; `configs/models/<name>.toml`
+the family's sampling defaults. The paper's two models are the two families: "sd-v1" (Stable Diffusion
+v1, CLIP text encoder, 64x64 latents) and "ldm" (LDM text2img-large-256, LDMBert, 32x32 latents); they
+share the UNet and VAE code and differ in the text encoder (`TEXT_CONFIGS`). Presets live here as frozen dataclasses; `configs/models/<name>.toml`
 holds the same values for people who read configs rather than code (a test keeps the two equal).
 """
 from __future__ import annotations
@@ -12,10 +14,12 @@ from pathlib import Path
 
 from .clip import CLIPTextConfig
 from .ddim import DDIMConfig
+from .ldmbert import LDMBertConfig
 from .unet import UNetConfig
 from .vae import VAEConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+TEXT_CONFIGS = {"sd-v1": CLIPTextConfig, "ldm": LDMBertConfig}  # family -> config of its text encoder
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class ModelConfig:
     family: str  # "sd-v1" | "ldm"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    text: CLIPTextConfig | LDMBertConfig = field(default_factory=CLIPTextConfig)  # LDMBertConfig for "ldm"
     ddim: DDIMConfig = field(default_factory=DDIMConfig)
     guidance: float = 7.5  # classifier-free guidance scale w
     steps: int = 50
@@ -32,6 +36,13 @@ class ModelConfig:
     blend_res: int = 16  # native side of the cross-attention maps local blending is made from
     self_max_keys: float = 16 ** 2  # self-attention is injected on layers with at most this many keys
     store_max_queries: float = 32 ** 2  # the attention store keeps layers with at most this many queries
+
+    def __post_init__(self):
+        if self.family not in TEXT_CONFIGS:
+            raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(TEXT_CONFIGS)}")
+        if not isinstance(self.text, TEXT_CONFIGS[self.family]):
+            raise ValueError(f"a {self.family!r} model's text encoder is configured by a "
+                             f"{TEXT_CONFIGS[self.family].__name__}, got a {type(self.text).__name__}")
 
     @property
     def vae_scale(self) -> int:
@@ -48,17 +59,37 @@ PRESETS: dict[str, ModelConfig] = {
         text=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         image_size=64, blend_res=2,
     ),
+    # LDM text2img-large-256: the SD v1 UNet cross-attending to 1280-wide LDMBert states, at 32x32 latents
+    # (attention at 32, 16, 8 and the mid block at 4). The authors' LDM notebook: guidance 5, the store
+    # keeps maps with <= 16**2 queries, local blend from the 16x16 maps (down_cross[:2] + up_cross[3:6]),
+    # self-attention injected where keys <= 16**2. DDIM as diffusers samples the hub model (its
+    # scheduler_config.json predates steps_offset/set_alpha_to_one: 0 and true), timesteps 980, ..., 0.
+    "ldm": ModelConfig(
+        "ldm", unet=UNetConfig(cross_attention_dim=1280, sample_size=32), text=LDMBertConfig(),
+        ddim=DDIMConfig(steps_offset=0, set_alpha_to_one=True), guidance=5.0, image_size=256,
+        blend_res=16, self_max_keys=16 ** 2, store_max_queries=16 ** 2,
+    ),
+    # A miniature of LDM (same topology; LDMBert with an inner attention width unlike its width), for tests.
+    "tiny-ldm": ModelConfig(
+        "ldm",
+        unet=UNetConfig(block_out_channels=(32, 64, 64, 64), heads=4, cross_attention_dim=32, sample_size=8),
+        vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        text=LDMBertConfig(d_model=32, encoder_layers=2, encoder_ffn_dim=64, encoder_attention_heads=2, head_dim=8),
+        ddim=DDIMConfig(steps_offset=0, set_alpha_to_one=True), guidance=5.0, image_size=64,
+        blend_res=4, self_max_keys=4 ** 2, store_max_queries=4 ** 2,
+    ),
 }
 
 
 def _build(cls, values: dict):
     """A dataclass from a dict, with lists turned into tuples and nested dataclasses built."""
     kwargs = {}
+    text = TEXT_CONFIGS.get(values.get("family"), CLIPTextConfig)
     for f in fields(cls):
         if f.name not in values:
             continue
         v = values[f.name]
-        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": CLIPTextConfig, "ddim": DDIMConfig}.get(f.name)
+        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": text, "ddim": DDIMConfig}.get(f.name)
         kwargs[f.name] = _build(sub, v) if cls is ModelConfig and sub else tuple(v) if isinstance(v, list) else v
     unknown = set(values) - {f.name for f in fields(cls)}
     if unknown:
@@ -150,3 +181,43 @@ def clip_config_from_transformers(d: dict) -> CLIPTextConfig:
     if cfg.hidden_act not in ("quick_gelu", "gelu"):
         raise ValueError(f"text_encoder/config.json: hidden_act {cfg.hidden_act!r} is not supported")
     return cfg
+
+
+def ldmbert_config_from_diffusers(d: dict) -> LDMBertConfig:
+    """bert/config.json of a diffusers LDM folder (diffusers' LDMBertConfig) -> our LDMBertConfig."""
+    if d.get("model_type", "ldmbert") != "ldmbert":
+        raise ValueError(f"bert/config.json: model_type {d.get('model_type')!r} is not LDMBert")
+    _require(d, "bert/config.json", {"activation_function": "gelu", "scale_embedding": False})
+    keys = {f.name for f in fields(LDMBertConfig)}
+    return LDMBertConfig(**{k: d[k] for k in keys if k in d})
+
+
+# --- our configs -> diffusers / transformers config.json (written by `p2p convert`) ---------------------
+
+def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels]
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": cfg.heads,
+            "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
+            "cross_attention_dim": cfg.cross_attention_dim, "down_block_types": down, "downsample_padding": 1,
+            "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": cfg.in_channels,
+            "layers_per_block": cfg.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-5,
+            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
+            "up_block_types": [t.replace("Down", "Up") for t in reversed(down)]}
+
+
+def vae_config_to_diffusers(cfg: VAEConfig, image_size: int) -> dict:
+    n = len(cfg.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": list(cfg.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n, "in_channels": cfg.in_channels,
+            "latent_channels": cfg.latent_channels, "layers_per_block": cfg.layers_per_block,
+            "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": image_size,
+            "scaling_factor": cfg.scaling_factor, "up_block_types": ["UpDecoderBlock2D"] * n}
+
+
+def text_config_to_json(cfg: CLIPTextConfig | LDMBertConfig) -> dict:
+    """text_encoder/config.json (transformers' CLIPTextConfig) or bert/config.json (diffusers' LDMBertConfig)."""
+    if isinstance(cfg, LDMBertConfig):
+        return {"architectures": ["LDMBertModel"], "model_type": "ldmbert", "pad_token_id": 0, "scale_embedding": False,
+                **asdict(cfg)}
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "bos_token_id": 49406,
+            "eos_token_id": 49407, "pad_token_id": 49407, **asdict(cfg)}

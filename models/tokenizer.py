@@ -14,6 +14,8 @@ with <|endoftext|>, not with 0).
 For Prompt-to-Prompt we also need to know which of the 77 positions belong to
 which word of the prompt. A "word" is a whitespace-separated chunk of the prompt;
 tokens are assigned to words with the character offsets `tokenizers` reports.
+That part, and the 77-long id rows, are shared with LDM's WordPiece tokenizer
+(models/wordpiece.py) through `PromptTokenizer`, so the edit engine works on both.
 """
 
 import gzip
@@ -129,13 +131,122 @@ def _key(text):
     return unicodedata.normalize("NFC", text).lower()
 
 
-class CLIPTokenizer:
+class PromptTokenizer:
+    """What the Prompt-to-Prompt engine needs of a tokenizer: (B, 77) id rows [start] + content[:75] + [end]
+    + padding, and which of the 77 positions belong to which word of a prompt.
+
+    A subclass sets `_tok` (a `tokenizers.Tokenizer` whose offsets refer to the prompt's characters),
+    `bos_id`, `eos_id`, `pad_id`, and implements `tokens`, `decode` and `_key` (the normalisation under
+    which a typed word equals a prompt word).
+    """
+
+    _tok: Tokenizer
+    source: str  # where it was loaded from, for messages
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def _key(self, text: str) -> str:
+        return _key(text)
+
+    # ------------------------------------------------------------------------- ids
+
+    def _encode(self, prompts):
+        return self._tok.encode_batch(prompts, add_special_tokens=False)
+
+    def encode(self, prompts: str | list[str]) -> torch.LongTensor:
+        """(B, 77) ids: bos, at most 75 content tokens, eos, then padding (SD v1: eos; LDM: [PAD] = 0).
+        Warns on truncation."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a str or a list of str, got {prompts!r}")
+        ids = torch.full((len(prompts), MAX_LENGTH), self.pad_id, dtype=torch.long)
+        ids[:, 0] = self.bos_id
+        for row, (prompt, enc) in enumerate(zip(prompts, self._encode(list(prompts)))):
+            content = enc.ids[:MAX_LENGTH - 2]
+            ids[row, 1:1 + len(content)] = torch.tensor(content, dtype=torch.long)
+            ids[row, 1 + len(content)] = self.eos_id
+            if len(enc.ids) > len(content):
+                self._warn_truncated(prompt, enc)
+        return ids
+
+    __call__ = encode
+
+    def count(self, prompt: str) -> int:
+        """Length of the prompt's token sequence with bos and eos, before any truncation (fits if <= 77)."""
+        return len(self._encode([prompt])[0].ids) + 2
+
+    def _warn_truncated(self, prompt, enc):
+        dropped, cut = [], None
+        for word in self._words(prompt, enc):
+            kept = len(word.positions())
+            if kept == 0 and word.tokens:
+                dropped.append(word.text)
+            elif kept < len(word.tokens):
+                cut = word.text
+        what = " and ".join(([repr(" ".join(dropped))] if dropped else []) + ([f"the end of {cut!r}"] if cut else []))
+        short = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        warnings.warn(f"prompt {short!r} is {len(enc.ids) + 2} tokens, more than the {MAX_LENGTH} the text "
+                      f"encoder takes; dropped: {what}", PromptTruncatedWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------------- words
+
+    def _words(self, prompt, enc=None):
+        """The prompt's words (`_Word`s), each holding its tokens."""
+        enc = self._encode([prompt])[0] if enc is None else enc
+        chunks = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", prompt)]
+        if not chunks:
+            return []
+        owned = [[] for _ in chunks]
+        starts = [start for _, start, _ in chunks]
+        for i, (token_start, _) in enumerate(enc.offsets):
+            # a token between words (e.g. from '\x1c', whitespace to Python but not to the regex) joins the word before
+            owned[max(bisect_right(starts, token_start) - 1, 0)].append((i + 1, token_start))
+        return [_Word(word, start, own, self._key) for (word, start, _), own in zip(chunks, owned)]
+
+    def word_spans(self, prompt: str) -> list[tuple[str, list[int]]]:
+        """For each whitespace-separated word, its token positions in the 77-long sequence (bos is 0)."""
+        return [(w.text, w.positions()) for w in self._words(prompt)]
+
+    def word_token_indices(self, prompt: str, word: str | int) -> list[int]:
+        """Positions of every occurrence of `word` (case-insensitive; a phrase of consecutive words
+        is fine), or of the word at index `word` of prompt.split(). Surrounding punctuation of a
+        prompt word is left out unless `word` spells it too."""
+        words = self._words(prompt)
+        listing = f"(its words: {', '.join(w.text for w in words)})" if words else "(it has no words)"
+        if isinstance(word, int) and not isinstance(word, bool):
+            if not -len(words) <= word < len(words):
+                raise ValueError(f"word index {word} is out of range for the prompt {prompt!r}, which has "
+                                 f"{len(words)} words {listing}")
+            found, label = [words[word].positions(core=True)], f"word {word} ({words[word].text!r})"
+        else:
+            parts, label = [self._key(p) for p in str(word).split()], repr(word)
+            if not parts:
+                raise ValueError(f"empty word {word!r}; give a word of the prompt {prompt!r} {listing}")
+            found = []
+            for i in range(len(words) - len(parts) + 1):
+                match = [words[i + j].match(part) for j, part in enumerate(parts)]
+                if all(m is not None for m in match):
+                    found.append(sorted(p for m in match for p in m))
+            if not found:
+                raise ValueError(f"{word!r} is not a word of the prompt {prompt!r} {listing}")
+        positions = sorted({p for occurrence in found for p in occurrence})
+        if not positions:
+            raise ValueError(f"{label} is in the prompt {prompt!r} but only after the first "
+                             f"{MAX_LENGTH - 2} tokens, which is all the text encoder takes")
+        return positions
+
+
+class CLIPTokenizer(PromptTokenizer):
     """CLIP BPE tokenizer producing (B, 77) id tensors for the SD v1 text encoder."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], source: str = "<memory>"):
         _check(vocab, merges, source)
         self.source, self.vocab_size = str(source), len(vocab)
         self.bos_id, self.eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
+        self.pad_id = self.eos_id  # SD v1 pads with <|endoftext|>
         try:
             bpe = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                       fuse_unk=False, unk_token=EOS_TOKEN, dropout=None)
@@ -181,45 +292,6 @@ class CLIPTokenizer:
         raise ValueError(f"cannot load a CLIP tokenizer from {path}: found a file named {path.name!r}; "
                          f"{EXPECTED_FORMS}")
 
-    # ------------------------------------------------------------------------- ids
-
-    def _encode(self, prompts):
-        return self._tok.encode_batch(prompts, add_special_tokens=False)
-
-    def encode(self, prompts: str | list[str]) -> torch.LongTensor:
-        """(B, 77) ids: bos, at most 75 content tokens, eos, then eos padding. Warns on truncation."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a str or a list of str, got {prompts!r}")
-        ids = torch.full((len(prompts), MAX_LENGTH), self.eos_id, dtype=torch.long)
-        ids[:, 0] = self.bos_id
-        for row, (prompt, enc) in enumerate(zip(prompts, self._encode(list(prompts)))):
-            content = enc.ids[:MAX_LENGTH - 2]
-            ids[row, 1:1 + len(content)] = torch.tensor(content, dtype=torch.long)
-            if len(enc.ids) > len(content):
-                self._warn_truncated(prompt, enc)
-        return ids
-
-    __call__ = encode
-
-    def count(self, prompt: str) -> int:
-        """Length of the prompt's token sequence with bos and eos, before any truncation (fits if <= 77)."""
-        return len(self._encode([prompt])[0].ids) + 2
-
-    def _warn_truncated(self, prompt, enc):
-        dropped, cut = [], None
-        for word in self._words(prompt, enc):
-            kept = len(word.positions())
-            if kept == 0 and word.tokens:
-                dropped.append(word.text)
-            elif kept < len(word.tokens):
-                cut = word.text
-        what = " and ".join(([repr(" ".join(dropped))] if dropped else []) + ([f"the end of {cut!r}"] if cut else []))
-        short = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-        warnings.warn(f"prompt {short!r} is {len(enc.ids) + 2} tokens, more than the {MAX_LENGTH} the text "
-                      f"encoder takes; dropped: {what}", PromptTruncatedWarning, stacklevel=3)
-
     def tokens(self, prompt: str) -> list[str]:
         """Readable strings of the content tokens that fit (tokens(p)[i] sits at position i + 1)."""
         enc = self._encode([prompt])[0]
@@ -246,59 +318,12 @@ class CLIPTokenizer:
             symbols.append(token)
         return self._to_text("".join(symbols)).replace("</w>", " ").strip()
 
-    # ------------------------------------------------------------------------- words
-
-    def _words(self, prompt, enc=None):
-        """The prompt's words (`_Word`s), each holding its tokens."""
-        enc = self._encode([prompt])[0] if enc is None else enc
-        chunks = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", prompt)]
-        if not chunks:
-            return []
-        owned = [[] for _ in chunks]
-        starts = [start for _, start, _ in chunks]
-        for i, (token_start, _) in enumerate(enc.offsets):
-            # a token between words (e.g. from '\x1c', whitespace to Python but not to the regex) joins the word before
-            owned[max(bisect_right(starts, token_start) - 1, 0)].append((i + 1, token_start))
-        return [_Word(word, start, own) for (word, start, _), own in zip(chunks, owned)]
-
-    def word_spans(self, prompt: str) -> list[tuple[str, list[int]]]:
-        """For each whitespace-separated word, its token positions in the 77-long sequence (bos is 0)."""
-        return [(w.text, w.positions()) for w in self._words(prompt)]
-
-    def word_token_indices(self, prompt: str, word: str | int) -> list[int]:
-        """Positions of every occurrence of `word` (case-insensitive; a phrase of consecutive words
-        is fine), or of the word at index `word` of prompt.split(). Surrounding punctuation of a
-        prompt word is left out unless `word` spells it too."""
-        words = self._words(prompt)
-        listing = f"(its words: {', '.join(w.text for w in words)})" if words else "(it has no words)"
-        if isinstance(word, int) and not isinstance(word, bool):
-            if not -len(words) <= word < len(words):
-                raise ValueError(f"word index {word} is out of range for the prompt {prompt!r}, which has "
-                                 f"{len(words)} words {listing}")
-            found, label = [words[word].positions(core=True)], f"word {word} ({words[word].text!r})"
-        else:
-            parts, label = [_key(p) for p in str(word).split()], repr(word)
-            if not parts:
-                raise ValueError(f"empty word {word!r}; give a word of the prompt {prompt!r} {listing}")
-            found = []
-            for i in range(len(words) - len(parts) + 1):
-                match = [words[i + j].match(part) for j, part in enumerate(parts)]
-                if all(m is not None for m in match):
-                    found.append(sorted(p for m in match for p in m))
-            if not found:
-                raise ValueError(f"{word!r} is not a word of the prompt {prompt!r} {listing}")
-        positions = sorted({p for occurrence in found for p in occurrence})
-        if not positions:
-            raise ValueError(f"{label} is in the prompt {prompt!r} but only after the first "
-                             f"{MAX_LENGTH - 2} tokens, which is all the text encoder takes")
-        return positions
-
 
 class _Word:
     """A whitespace-separated chunk of a prompt and its (position, char offset) tokens."""
 
-    def __init__(self, text, start, tokens):
-        self.text, self.start, self.tokens = text, start, tokens
+    def __init__(self, text, start, tokens, key=_key):
+        self.text, self.start, self.tokens, self.key = text, start, tokens, key
 
     def positions(self, core=False):
         """Positions of the word's tokens that fit in the sequence; `core`: without the punctuation."""
@@ -310,7 +335,7 @@ class _Word:
 
     def match(self, key):
         """Positions if `key` is this word, or this word without its surrounding punctuation; else None."""
-        if _key(self.text) == key:
+        if self.key(self.text) == key:
             return self.positions()
         lo, hi = _core(self.text)
-        return self.positions(core=True) if hi > lo and _key(self.text[lo:hi]) == key else None
+        return self.positions(core=True) if hi > lo and self.key(self.text[lo:hi]) == key else None

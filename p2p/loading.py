@@ -1,8 +1,12 @@
-"""Find, identify and read a model on disk: a diffusers folder or a CompVis single file.
+"""Find, identify and read a model on disk: a diffusers folder or a CompVis single file, of either family.
 
 `read_model(path)` returns the model's `ModelConfig`, the state dicts of its three networks in our
-names, and where its tokenizer is. It identifies what it is given and refuses, with a message that
-says what the file is, checkpoints of other models (SD 2.x, SDXL, inpainting UNets).
+names, and where its tokenizer is. It tells the family from the files (model_index.json or the
+sub-folders of a folder, the text encoder's keys of a single file; models/families.py says what
+differs), and refuses, with a message that says what the file is, checkpoints of other models
+(SD 2.x, SDXL, inpainting UNets). LDM's public weights are PyTorch pickles: the runtime reads LDM
+from safetensors only and asks for `p2p convert` (p2p/convert.py) once; SD v1 pickles are read as they
+always were, with `torch.load(weights_only=True)`, which runs no code.
 """
 from __future__ import annotations
 
@@ -11,71 +15,108 @@ from pathlib import Path
 
 from models.checkpoint import (CheckpointError, IGNORED_KEYS, read_json, read_tensors, split_prefix,
                                unet_from_compvis, vae_from_compvis, vae_from_diffusers)
-from models.presets import (ModelConfig, clip_config_from_transformers, preset, unet_config_from_diffusers,
-                            vae_config_from_diffusers)
+from models.families import FAMILIES, Family, family
+from models.presets import ModelConfig, preset, unet_config_from_diffusers, vae_config_from_diffusers
 
-UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 SD_V1_TELL = UNET + "output_blocks.11.0.skip_connection.weight"  # diffusers' own test for an SD v1 file
 CROSS_K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-WEIGHT_NAMES = {
-    "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-}
+LDM_TELL = TEXT + "attn_layers."  # LDM's x-transformers text encoder (SD v1: cond_stage_model.transformer.text_model.)
+WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+                "text": ("model", "pytorch_model")}  # file names in a diffusers folder, before the extension
 
 
 def read_model(path: str | Path, *, variant: str | None = None, ema: bool = True,
-               config: str | ModelConfig | None = None):
-    """-> (ModelConfig, {"unet": sd, "vae": sd, "text": sd}, tokenizer folder or None)."""
+               config: str | ModelConfig | None = None, pickles: bool | None = None):
+    """-> (ModelConfig, {"unet": sd, "vae": sd, "text": sd}, tokenizer folder or None).
+
+    `config` names the preset a single file is read with (default: the detected family's). `pickles`:
+    None reads PyTorch pickles where the family's runtime does (SD v1), True always (`p2p convert`).
+    """
     path = Path(path)
     if path.is_dir():
-        return read_folder(path, variant)
+        return read_folder(path, variant, pickles)
     if path.is_file():
-        cfg = preset(config) if isinstance(config, str) else config or preset("sd-v1")
-        return (cfg, *read_single_file(path, cfg, ema))
-    raise FileNotFoundError(f"model not found: {path} (give a diffusers folder with unet/ vae/ text_encoder/ "
-                            "tokenizer/, or a single .safetensors checkpoint; `p2p download` fetches both)")
+        return (*read_single_file(path, config, ema, pickles), None)
+    raise FileNotFoundError(f"model not found: {path} (give a diffusers folder (SD v1: unet/ vae/ text_encoder/ "
+                            "tokenizer/; LDM: unet/ vqvae/ bert/ tokenizer/) or a single .safetensors checkpoint; "
+                            "`p2p download` fetches them)")
+
+
+def needs_conversion(path: Path, pickles: list[Path], fam: Family) -> CheckpointError:
+    names = ", ".join(str(p.relative_to(path) if p != path else p.name) for p in pickles)
+    dst = path.with_name(path.stem + "-safetensors")
+    return CheckpointError(f"{path} holds PyTorch pickles ({names}); {fam.title} weights are read from safetensors "
+                           f"only. Convert them once (no code is unpickled): p2p convert {path} {dst}"
+                           f"{' --tokenizer VOCAB' if path.is_file() else ''}, then use --model {dst}")
 
 
 # --- diffusers folders -----------------------------------------------------------------------------
 
-def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
+def weights_file(folder: Path, stems: tuple[str, ...], variant: str | None) -> Path:
     """The weights of one component folder: the requested variant, else fp32 (else fp16); safetensors first."""
     order = [variant, None] if variant else [None, "fp16"]
-    candidates = [folder / f"{stem}{'.' + v if v else ''}.{ext}" for ext in ("safetensors", "bin") for v in order]
+    candidates = [folder / f"{stem}{'.' + v if v else ''}.{ext}" for ext in ("safetensors", "bin")
+                  for v in order for stem in stems]
     for c in candidates:
         if c.is_file():
             return c
     raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(c.name for c in candidates)}")
 
 
-def read_folder(path: Path, variant: str | None):
-    if (path / "bert").is_dir() or (path / "vqvae").is_dir():
-        raise CheckpointError(f"{path} is an LDM text2img folder (bert/, vqvae/); only Stable Diffusion v1 "
-                              "folders are supported so far")
-    missing = [d for d in ("unet", "vae", "text_encoder") if not (path / d).is_dir()]
+def folder_family(path: Path) -> Family:
+    """The family of a diffusers folder: from model_index.json, else from the sub-folders it has."""
+    index = path / "model_index.json"
+    if index.is_file():
+        name = read_json(index).get("_class_name")
+        for fam in FAMILIES.values():
+            if fam.pipeline_class == name:
+                return fam
+        if name:
+            raise CheckpointError(f"{path} holds a diffusers {name}; this project runs "
+                                  + " and ".join(f"{f.pipeline_class} ({f.title})" for f in FAMILIES.values())
+                                  + " folders")
+    own = {f.name: [d for p, d in f.folders.items() if p != "unet" and (path / d).is_dir()] for f in FAMILIES.values()}
+    found = [name for name, dirs in own.items() if dirs]
+    if len(found) == 1:
+        return FAMILIES[found[0]]
+    layouts = " or ".join(f"a {f.title} folder ({', '.join(d + '/' for d in f.folders.values())}, tokenizer/)"
+                          for f in FAMILIES.values())
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    raise CheckpointError(f"cannot tell which model {path} holds: expected {layouts}; it holds "
+                          f"{', '.join(names[:12]) or 'nothing'}")
+
+
+def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
+    fam = folder_family(path)
+    sub = {part: path / d for part, d in fam.folders.items()}
+    missing = [d + "/" for d in fam.folders.values() if not (path / d).is_dir()]
     if missing:
-        raise CheckpointError(f"{path} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/ "
-                              "(expected unet/, vae/, text_encoder/, tokenizer/)")
+        raise CheckpointError(f"{path} is not a diffusers {fam.title} folder: missing {', '.join(missing)} (expected "
+                              f"{', '.join(d + '/' for d in fam.folders.values())}, tokenizer/)")
     try:
-        cfg = ModelConfig(
-            "sd-v1",
-            unet=unet_config_from_diffusers(read_json(path / "unet" / "config.json")),
-            vae=vae_config_from_diffusers(read_json(path / "vae" / "config.json")),
-            text=clip_config_from_transformers(read_json(path / "text_encoder" / "config.json")),
-        )
+        cfg = replace(preset(fam.preset),
+                      unet=unet_config_from_diffusers(read_json(sub["unet"] / "config.json")),
+                      vae=vae_config_from_diffusers(read_json(sub["vae"] / "config.json")),
+                      text=fam.text_config_from_json(read_json(sub["text"] / "config.json")))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: a config.json lacks a required field ({e})") from e
     sched = path / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        cfg = replace(cfg, ddim=cfg.ddim.updated(read_json(sched)))
-    n = cfg.unet.sample_size  # the authors' SD v1 choices (64x64 latent) relative to the native latent size
-    cfg = replace(cfg, image_size=n * cfg.vae_scale, blend_res=max(n // 4, 1), self_max_keys=max(n // 4, 1) ** 2,
-                  store_max_queries=max(n // 2, 1) ** 2)
-    if cfg.unet.cross_attention_dim != cfg.text.hidden_size:
+        cfg = replace(cfg, ddim=fam.scheduler_defaults.updated(read_json(sched)))
+    n = cfg.unet.sample_size  # the authors' choices, relative to the native latent size
+    cfg = replace(cfg, image_size=n * cfg.vae_scale, **fam.p2p_defaults(n))
+    if cfg.unet.cross_attention_dim != cfg.text.width:
         raise CheckpointError(f"{path}: the UNet cross-attends to width {cfg.unet.cross_attention_dim} but the text "
-                              f"encoder is {cfg.text.hidden_size} wide (SD v1 is 768 and 768)")
-    sds = {name: read_tensors(weights_file(path / name, WEIGHT_NAMES[name], variant)) for name in WEIGHT_NAMES}
-    text = sds.pop("text_encoder")
-    sds["text"] = split_prefix(text, "text_model.") or text  # transformers >= 5.6 saves without the prefix
+                              f"encoder is {cfg.text.width} wide (SD v1: 768 and 768, LDM: 1280 and 1280)")
+    files = {part: weights_file(sub[part], WEIGHT_STEMS[part], variant) for part in sub}
+    if not (fam.runtime_pickles if pickles is None else pickles):
+        unsafe = [f for f in files.values() if f.suffix != ".safetensors"]
+        if unsafe:
+            raise needs_conversion(path, unsafe, fam)
+    sds = {part: read_tensors(f) for part, f in files.items()}
+    if fam.text_file_prefix:  # transformers >= 5.6 saves without the prefix
+        sds["text"] = split_prefix(sds["text"], fam.text_file_prefix) or sds["text"]
     sds["vae"] = vae_from_diffusers(sds["vae"])
     tok = path / "tokenizer"
     return cfg, sds, tok if tok.is_dir() else None
@@ -83,34 +124,46 @@ def read_folder(path: Path, variant: str | None):
 
 # --- CompVis single files --------------------------------------------------------------------------
 
-def identify(sd: dict, path: Path) -> None:
-    """Raise a CheckpointError that names the model, for anything that is not an SD v1 single file."""
+def identify(sd: dict, path: Path | str) -> Family:
+    """The family of a CompVis single file; a CheckpointError naming the model for anything else."""
     if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise CheckpointError(f"{path} is an SDXL checkpoint; this project runs Stable Diffusion v1.x (and LDM)")
+        raise CheckpointError(f"{path} is an SDXL checkpoint; this project runs Stable Diffusion v1.x and LDM text2img")
     if CROSS_K in sd and sd[CROSS_K].shape[-1] == 1024:
         raise CheckpointError(f"{path} is a Stable Diffusion 2.x checkpoint (1024-wide OpenCLIP text states), "
                               "not an SD v1 checkpoint; use SD 1.4 / 1.5 weights (`p2p download sd-v1-5`)")
-    if CROSS_K in sd and sd[CROSS_K].shape[-1] == 1280:
-        raise CheckpointError(f"{path} is an LDM text2img checkpoint; only SD v1 single files are supported so far")
     conv_in = sd.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise CheckpointError(f"{path} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
-                              "depth model); Prompt-to-Prompt needs a plain 4-channel text-to-image SD v1 UNet")
+                              "depth model); Prompt-to-Prompt needs a plain 4-channel text-to-image UNet")
     if SD_V1_TELL not in sd:
         if any(k.startswith(("down_blocks.", "conv_in.")) for k in sd):
             raise CheckpointError(f"{path} is a single diffusers UNet file; pass the whole diffusers folder "
                                   "(with unet/, vae/, text_encoder/, tokenizer/) instead")
-        raise CheckpointError(f"{path} is not a Stable Diffusion v1 checkpoint: it has no {SD_V1_TELL} "
-                              f"(its first keys: {', '.join(sorted(sd)[:5])})")
+        raise CheckpointError(f"{path} is not a Stable Diffusion v1 checkpoint (nor an LDM text2img one): it has no "
+                              f"{SD_V1_TELL} (its first keys: {', '.join(sorted(sd)[:5])})")
+    return FAMILIES["ldm" if any(k.startswith(LDM_TELL) for k in sd) else "sd-v1"]
 
 
-def read_single_file(path: Path, cfg: ModelConfig, ema: bool):
-    return split_single_file(read_tensors(path), cfg, ema, path), None
+def read_single_file(path: Path, config: str | ModelConfig | None, ema: bool, pickles: bool | None = None):
+    """-> (ModelConfig, state dicts) of a CompVis single file."""
+    cfg = preset(config) if isinstance(config, str) else config
+    allowed = lambda fam: fam.runtime_pickles if pickles is None else pickles  # noqa: E731
+    if cfg is not None and path.suffix != ".safetensors" and not allowed(family(cfg.family)):
+        raise needs_conversion(path, [path], family(cfg.family))  # known before reading gigabytes
+    sd = read_tensors(path)
+    fam = identify(sd, path)
+    cfg = cfg or preset(fam.preset)
+    if path.suffix != ".safetensors" and not allowed(fam):
+        raise needs_conversion(path, [path], fam)
+    return cfg, split_single_file(sd, cfg, ema, path)
 
 
 def split_single_file(sd: dict, cfg: ModelConfig, ema: bool = True, path: Path | str = "checkpoint") -> dict:
     """A CompVis single file's tensors -> {"unet", "vae", "text"} in our names; every key accounted for."""
-    identify(sd, path)
+    fam = identify(sd, path)
+    if fam.name != cfg.family:
+        raise CheckpointError(f"{path} is a {fam.title} checkpoint but is being read with a {cfg.family!r} config; "
+                              f"leave out --model-config (the family is detected) or give a {fam.name!r} preset")
     unet = split_prefix(sd, UNET)
     ema_keys = {k for k in sd if k.startswith("model_ema.")} - IGNORED_KEYS
     if ema and len(ema_keys) > 100:  # a full-EMA file: the EMA copy is the one to sample with
@@ -118,12 +171,11 @@ def split_single_file(sd: dict, cfg: ModelConfig, ema: bool = True, path: Path |
         if None in ema_unet.values():
             raise CheckpointError(f"{path}: the EMA weights do not cover the UNet; load with ema=False")
         unet = ema_unet
-    text = split_prefix(sd, CLIP)
     sds = {"unet": unet_from_compvis(unet, cfg.unet),
            "vae": vae_from_compvis(split_prefix(sd, VAE), len(cfg.vae.block_out_channels)),
-           "text": split_prefix(text, "text_model.") or text}
-    leftover = {k for k in sd if not k.startswith((UNET, VAE, CLIP)) and k not in IGNORED_KEYS} - ema_keys
+           "text": fam.text_from_compvis(split_prefix(sd, TEXT), cfg.text)}
+    leftover = {k for k in sd if not k.startswith((UNET, VAE, TEXT)) and k not in IGNORED_KEYS} - ema_keys
     if leftover:
-        raise CheckpointError(f"{path} holds {len(leftover)} entries that belong to no SD v1 network: "
+        raise CheckpointError(f"{path} holds {len(leftover)} entries that belong to no {fam.title} network: "
                               f"{', '.join(sorted(leftover)[:8])}")
     return sds

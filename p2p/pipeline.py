@@ -7,7 +7,9 @@
     x = D(z_0)                                             the VAE decoder
 
 The loop is the one of the paper's Algorithm 1: an edit controller rides along, told the step and
-the batch layout before every UNet call and given the latents after every step.
+the batch layout before every UNet call and given the latents after every step. The same code runs
+both models of the paper: the family of the config (models/families.py) says which text encoder and
+tokenizer to build (CLIP for Stable Diffusion v1, LDMBert and BERT WordPiece for LDM text2img).
 """
 from __future__ import annotations
 
@@ -18,17 +20,18 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from models.checkpoint import load_module
-from models.clip import CLIPTextModel
 from models.ddim import DDIM
+from models.families import family
 from models.presets import ModelConfig, preset
-from models.tokenizer import CLIPTokenizer
+from models.tokenizer import PromptTokenizer
 from models.unet import UNet
 from models.vae import AutoencoderKL
 
-from .controllers import Controller, GuidanceLayout
+from .controllers import AttentionStore, Controller, GuidanceLayout
 from .loading import read_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -63,8 +66,16 @@ def to_images(x: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """A text-to-image latent diffusion model: tokenizer, text encoder, UNet, VAE and DDIM schedule."""
 
-    def __init__(self, cfg: ModelConfig, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer):
+    def __init__(self, cfg: ModelConfig, unet: UNet, vae: AutoencoderKL, text_encoder: nn.Module,
+                 tokenizer: PromptTokenizer):
+        fam = family(cfg.family)
+        if not isinstance(text_encoder, fam.text_encoder) or not isinstance(tokenizer, fam.tokenizer):
+            raise TypeError(f"a {cfg.family!r} pipeline takes a {fam.text_encoder.__name__} and a "
+                            f"{fam.tokenizer.__name__}, got a {type(text_encoder).__name__} and a "
+                            f"{type(tokenizer).__name__}")
+        if tokenizer.vocab_size > cfg.text.vocab_size:
+            raise ValueError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the text encoder "
+                             f"embeds {cfg.text.vocab_size}: a tokenizer of another model?")
         self.cfg, self.unet, self.vae, self.text_encoder, self.tokenizer = cfg, unet, vae, text_encoder, tokenizer
         self.ddim = DDIM(cfg.ddim)
         for m in (unet, vae, text_encoder):
@@ -83,20 +94,20 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path, *, tokenizer=None, device=None, dtype=None, variant=None, ema=True,
                         config: str | ModelConfig | None = None) -> Pipeline:
-        """Load a diffusers folder or a CompVis single file (then `tokenizer` is required).
+        """Load a diffusers folder or a CompVis single file (then `tokenizer` is required) of either family.
 
-        `config` names the preset a single file is read with (default "sd-v1").
+        `config` names the preset a single file is read with (default: that of the family its keys show).
         """
         device = torch.device(device) if device else default_device()
         dtype = resolve_dtype(dtype, device)
         cfg, sds, tok_dir = read_model(path, variant=variant, ema=ema, config=config)
+        fam = family(cfg.family)
         tok_path = tokenizer or tok_dir
         if tok_path is None:
-            raise ValueError(f"{path} carries no tokenizer: pass one (--tokenizer PATH): a diffusers tokenizer/ "
-                             "folder, a tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz")
-        tok = tok_path if isinstance(tok_path, CLIPTokenizer) else CLIPTokenizer.from_path(tok_path)
+            raise ValueError(f"{path} carries no tokenizer: pass one (--tokenizer PATH): {fam.tokenizer_forms}")
+        tok = tok_path if isinstance(tok_path, PromptTokenizer) else fam.tokenizer.from_path(tok_path)
         with torch.device("meta"):
-            unet, vae, text = UNet(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextModel(cfg.text)
+            unet, vae, text = UNet(cfg.unet), AutoencoderKL(cfg.vae), fam.text_encoder(cfg.text)
         for module, name, what in ((unet, "unet", "UNet"), (vae, "vae", "VAE"), (text, "text", "text encoder")):
             load_module(module, sds.pop(name), what, dtype=dtype, device=device)
         return cls(cfg, unet, vae, text, tok)
@@ -107,9 +118,15 @@ class Pipeline:
         cfg = preset(cfg) if isinstance(cfg, str) else cfg
         device = torch.device(device) if device else torch.device("cpu")
         torch.manual_seed(seed)
-        modules = UNet(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextModel(cfg.text)
-        tok = tokenizer if isinstance(tokenizer, CLIPTokenizer) else CLIPTokenizer.from_path(tokenizer)
+        fam = family(cfg.family)
+        modules = UNet(cfg.unet), AutoencoderKL(cfg.vae), fam.text_encoder(cfg.text)
+        tok = tokenizer if isinstance(tokenizer, PromptTokenizer) else fam.tokenizer.from_path(tokenizer)
         return cls(cfg, *(m.to(device, resolve_dtype(dtype, device)) for m in modules), tok)
+
+    def attention_store(self, **kw) -> AttentionStore:
+        """An AttentionStore keeping the layers the authors kept for this model (SD v1: <= 32**2 queries,
+        LDM: <= 16**2); keyword arguments as AttentionStore's."""
+        return AttentionStore(**{"max_queries": self.cfg.store_max_queries, **kw})
 
     # --- the three stages ----------------------------------------------------------------------
 
@@ -184,7 +201,8 @@ class Pipeline:
                  eta: float = 0.0, negative_prompt: str = "", controller: Controller | None = None,
                  low_memory: bool = False, progress: bool = True) -> list[Image.Image]:
         """Images for one or more prompts, all from the same seed's z_T (the same image as diffusers'
-        StableDiffusionPipeline with an SD-configured DDIMScheduler and generator seed `seed`)."""
+        StableDiffusionPipeline with an SD-configured DDIMScheduler, or LDMTextToImagePipeline with the
+        folder's DDIMScheduler, and generator seed `seed`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = height or self.cfg.image_size, width or self.cfg.image_size
         g = torch.Generator("cpu").manual_seed(seed)

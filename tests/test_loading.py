@@ -193,7 +193,7 @@ CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
     ({CROSS_K: [320, 1024]}, "Stable Diffusion 2.x checkpoint .*not an SD v1 checkpoint"),
     ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": [768]}, "SDXL checkpoint"),
     ({CONV_IN: [320, 9, 3, 3]}, "9 input channels .*inpainting"),
-    ({"lora_unet_down.weight": [4, 4]}, "1 entries that belong to no SD v1 network: lora_unet_down.weight"),
+    ({"lora_unet_down.weight": [4, 4]}, "1 entries that belong to no Stable Diffusion v1 network: lora_unet_down.weight"),
 ])
 def test_foreign_checkpoints_are_named(changes, message):
     with pytest.raises(CheckpointError, match=message):
@@ -243,7 +243,7 @@ def test_plain_pickle_of_tensors_is_read(tmp_path):
 
 
 def test_folder_errors(ref, tmp_path):
-    with pytest.raises(CheckpointError, match="not a diffusers Stable Diffusion folder: missing text_encoder/"):
+    with pytest.raises(CheckpointError, match="not a diffusers Stable Diffusion v1 folder: missing text_encoder/"):
         (tmp_path / "unet").mkdir(), (tmp_path / "vae").mkdir()
         Pipeline.from_pretrained(tmp_path, device="cpu")
     ref.save_pretrained(tmp_path / "sd", safe_serialization=True)

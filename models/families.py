@@ -1,0 +1,77 @@
+"""The paper's two models as data: what Stable Diffusion v1 and LDM text2img-large-256 do differently.
+
+Prompt-to-Prompt (Hertz et al., ICLR 2023) shows its results on both. They share the UNet
+(models/unet.py, cross-attention sites at 64/32/16/8 for SD, at 32/16/8/4 for LDM), the KL-f8 VAE
+(models/vae.py) and DDIM (models/ddim.py); they differ in the text encoder and its tokenizer, in how
+their files are laid out, and in the defaults the authors used with each. Code that handles a model
+looks its `ModelConfig.family` up in `FAMILIES` instead of branching on the name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .checkpoint import ldmbert_from_compvis, split_prefix
+from .clip import CLIPTextModel
+from .ddim import DIFFUSERS_DEFAULTS, DDIMConfig
+from .ldmbert import LDMBertModel
+from .presets import PRESETS, clip_config_from_transformers, ldmbert_config_from_diffusers
+from .tokenizer import CLIPTokenizer, PromptTokenizer
+from .wordpiece import BertTokenizer
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str  # for messages
+    preset: str  # the full-size preset in models/presets.py
+    pipeline_class: str  # diffusers model_index.json `_class_name`
+    text_encoder: type  # module class of psi: CLIPTextModel | LDMBertModel
+    tokenizer: type[PromptTokenizer]
+    tokenizer_forms: str  # what a tokenizer path may be, for messages
+    folders: dict[str, str]  # our part ("unet", "vae", "text") -> its diffusers sub-folder
+    text_file_prefix: str  # prefix of the text weights in a diffusers file ("text_model." as transformers 4 saved)
+    text_config_from_json: Callable[[dict], Any]  # the text sub-folder's config.json -> our text config
+    text_from_compvis: Callable[[dict, Any], dict]  # `cond_stage_model.transformer.*` (stripped) -> our names
+    scheduler_defaults: DDIMConfig  # what the keys a scheduler_config.json lacks mean for this family
+    p2p_divisors: tuple[int, int, int]  # native latent side / side of: blend maps, self-injection keys, stored queries
+    runtime_pickles: bool  # whether generation reads PyTorch pickles (weights_only=True) or wants safetensors
+
+    def p2p_defaults(self, latent_side: int) -> dict:
+        """The authors' resolution-dependent P2P defaults, relative to the native latent side."""
+        blend, inject, store = (max(latent_side // d, 1) for d in self.p2p_divisors)
+        return {"blend_res": blend, "self_max_keys": inject ** 2, "store_max_queries": store ** 2}
+
+
+FAMILIES: dict[str, Family] = {
+    "sd-v1": Family(
+        "sd-v1", title="Stable Diffusion v1", preset="sd-v1", pipeline_class="StableDiffusionPipeline", text_encoder=CLIPTextModel,
+        tokenizer=CLIPTokenizer, tokenizer_forms="a diffusers tokenizer/ folder, a tokenizer.json, or OpenAI's "
+        "bpe_simple_vocab_16e6.txt.gz",
+        folders={"unet": "unet", "vae": "vae", "text": "text_encoder"}, text_file_prefix="text_model.",
+        text_config_from_json=clip_config_from_transformers,
+        text_from_compvis=lambda sd, cfg: split_prefix(sd, "text_model.") or sd,
+        # StableDiffusionPipeline forces steps_offset 1 and clip_sample False on whatever the file says
+        scheduler_defaults=PRESETS["sd-v1"].ddim,
+        p2p_divisors=(4, 4, 2),  # 64 latent: blend from 16x16 maps, self-injection keys <= 16**2, store <= 32**2
+        runtime_pickles=True,  # sd-v1-4.ckpt keeps loading as it always did: weights_only=True runs no code
+    ),
+    "ldm": Family(
+        "ldm", title="LDM text2img", preset="ldm", pipeline_class="LDMTextToImagePipeline", text_encoder=LDMBertModel,
+        tokenizer=BertTokenizer, tokenizer_forms="a BERT uncased vocab.txt (or its tokenizer/ folder), or a "
+        "tokenizer.json",
+        folders={"unet": "unet", "vae": "vqvae", "text": "bert"}, text_file_prefix="",
+        text_config_from_json=ldmbert_config_from_diffusers,
+        text_from_compvis=lambda sd, cfg: ldmbert_from_compvis(sd, cfg.encoder_layers),
+        # LDMTextToImagePipeline takes the file as DDIMScheduler reads it: a missing key is diffusers' default
+        scheduler_defaults=DIFFUSERS_DEFAULTS,
+        p2p_divisors=(2, 2, 2),  # 32 latent: blend from 16x16 maps, self-injection keys <= 16**2, store <= 16**2
+        runtime_pickles=False,  # the public files are 6 GB of pickles: `p2p convert` them once to safetensors
+    ),
+}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
