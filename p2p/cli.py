@@ -1,4 +1,4 @@
-"""Command line: `p2p generate`, `p2p edit`, `p2p sweep`, `p2p attention`, `p2p download`.
+"""Command line: `p2p generate`, `p2p edit`, `p2p sweep`, `p2p attention`, `p2p download`, `p2p convert`.
 
 Errors a user can fix (a wrong path, a foreign checkpoint, a bad size) are printed as one line
 naming the problem and the fix, with exit status 2; anything else is a bug and keeps its traceback.
@@ -238,6 +238,15 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    t0 = time.perf_counter()
+    out = convert(args.src, args.dst, tokenizer=args.tokenizer, config=args.model_config, ema=not args.no_ema)
+    print(f"wrote {out} (safetensors, {time.perf_counter() - t0:.1f} s); use it with --model {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing on Stable Diffusion v1")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the known models")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="convert a model's PyTorch pickles (LDM's public files, .ckpt) to a "
+                       "safetensors diffusers folder, running no pickled code")
+    p.add_argument("src", help="a diffusers folder (LDM: unet/ vqvae/ bert/ tokenizer/; SD v1: unet/ vae/ "
+                   "text_encoder/ tokenizer/) or a CompVis single file (model.ckpt, sd-v1-4.ckpt)")
+    p.add_argument("dst", help="the folder to write (must not exist); written in full or not at all")
+    p.add_argument("--tokenizer", help="tokenizer to include (required for a single file): LDM: a BERT uncased "
+                   "vocab.txt or its tokenizer/ folder; SD v1: a tokenizer/ folder, tokenizer.json or "
+                   "bpe_simple_vocab_16e6.txt.gz")
+    p.add_argument("--model-config", help="preset a single file is read with (default: its family's, ldm or sd-v1)")
+    p.add_argument("--no-ema", action="store_true", help="take the non-EMA UNet of a full-EMA single file")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
