@@ -1,6 +1,7 @@
 """Our UNet step against diffusers' UNet2DConditionModel at the same config and weights, in one process.
 
-    python benchmarks/unet_step.py                       # tiny and full SD v1 config, CPU, 32x32 latent
+    python benchmarks/unet_step.py                       # tiny and full SD v1 and LDM configs, CPU, 32x32 latent
+    python benchmarks/unet_step.py --presets tiny-ldm    # the LDM preset in miniature only (no full-size model)
     python benchmarks/unet_step.py --device cuda --dtype float16 --latent 64
 
 Prints the median time of a guided step (batch 2: [uncond | cond]) for both, and ours / diffusers
@@ -57,7 +58,7 @@ def run(preset: str, latent: int, device, dtype, rounds: int, repeats: int, batc
             t_ours.append(bench(step_ours, device, repeats))
             t_ref.append(bench(step_ref, device, repeats))
     a, b = statistics.median(t_ours), statistics.median(t_ref)
-    print(f"{preset:6s} latent {latent:3d} batch {batch} {str(dtype)[6:]:8s} {device.type:4s} | ours {a * 1e3:9.2f} ms | "
+    print(f"{preset:8s} latent {latent:3d} batch {batch} {str(dtype)[6:]:8s} {device.type:4s} | ours {a * 1e3:9.2f} ms | "
           f"diffusers {b * 1e3:9.2f} ms | ours/diffusers {a / b:5.3f} | max abs diff {err:.2e}", flush=True)
     del ref, ours
     if device.type == "cuda":
@@ -68,8 +69,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--presets", default="tiny,sd-v1")
-    p.add_argument("--latent", type=int, default=32, help="latent side for the sd-v1 preset (64 = 512 px)")
+    p.add_argument("--presets", default="tiny,sd-v1,tiny-ldm,ldm", help="presets of models/presets.py, comma-separated")
+    p.add_argument("--latent", type=int, default=32, help="latent side for the full-size presets: sd-v1 (64 = 512 px, "
+                   "its native size) and ldm (32 = 256 px, its native size); the tiny ones run at their own")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
@@ -78,7 +80,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     for preset in args.presets.split(","):
-        latent = args.latent if preset != "tiny" else PRESETS["tiny"].unet.sample_size
+        latent = PRESETS[preset].unet.sample_size if preset.startswith("tiny") else args.latent
         run(preset, latent, device, dtype, args.rounds, args.repeats, args.batch)
 
 
