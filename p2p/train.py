@@ -148,13 +148,16 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     ckpt, log = run / "vae.pt", Log(run / "vae_log.jsonl")
     step = load_state(ckpt, {"vae": vae}, opt)[0] if ckpt.is_file() else 0
+    for group in opt.param_groups:  # the lr given now, also when resuming
+        group["lr"] = lr
     g = torch.Generator().manual_seed(seed + step)
     bar = tqdm(total=steps, initial=step, desc="vae")
     while step < steps:
         x = as_float(images[torch.randint(len(images), (batch,), generator=g)])
         mean, logvar = vae.posterior(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
-        rec = vae.decoder(vae.post_quant_conv(z))
+        # Decode the posterior mean: with a KL weight this small a sampled z only adds noise that the decoder
+        # must learn to see through (it blurred the shapes after 1000 steps); the KL term keeps z's scale tame.
+        rec = vae.decoder(vae.post_quant_conv(mean))
         rec_loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         loss = rec_loss + kl_weight * kl
@@ -258,6 +261,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=60_000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=20_000, help="diffusion training steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -272,7 +276,7 @@ def main(argv=None):
     tok = build_tokenizer(run / "tokenizer")
     cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size))
     images, captions = dataset(args.images, args.seed, run / "data.pt")
-    vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, 1e-3, args.seed)
+    vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed)
     latents_path = run / "latents.pt"
     if latents_path.is_file():
         latents = torch.load(latents_path, weights_only=True)
