@@ -18,8 +18,9 @@ from . import download as dl
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) "
-                   "or a CompVis single-file checkpoint (.safetensors)")
+    g.add_argument("--model", default="embedded", help="a diffusers folder (unet/, vae/, text_encoder/, tokenizer/), "
+                   "a CompVis single-file checkpoint (.safetensors), or a native folder (model.toml); default "
+                   "`embedded`: the small scene model shipped with p2p (64 px, runs on a CPU)")
     g.add_argument("--tokenizer", help="tokenizer for a single-file model: a tokenizer/ folder, a tokenizer.json, "
                    "or bpe_simple_vocab_16e6.txt.gz")
     g.add_argument("--model-config", help="preset a single-file model is read with (default sd-v1)")
@@ -238,6 +239,19 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, save
+
+    pipe = load_pipeline(args)
+    report = evaluate(pipe, n=args.n, seed=args.seed or 0, steps=args.steps, progress=not args.quiet,
+                      examples=Path(args.out_dir) / "examples" if args.out_dir else None)
+    print(report.table())
+    if args.out_dir:
+        save(report, Path(args.out_dir) / "eval.json")
+        (Path(args.out_dir) / "eval.md").write_text(report.table() + "\n")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .convert import convert
 
@@ -286,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-components", type=int, default=0, help="also write N self-attention components")
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("eval", help="score P2P against plain generation on scene-model prompts (p2p/evaluate.py)")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=24, help="number of scenes (default 24)")
+    p.add_argument("--seed", type=int, help="seed of the scenes and of z_T (default 0)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
+    p.add_argument("--out-dir", help="also write eval.json, eval.md and a grid per scene here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("download", help="download public weights listed in weights_manifest.json, verified")
     p.add_argument("name", nargs="?", help="model name (see --list)")

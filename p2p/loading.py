@@ -10,17 +10,20 @@ always were, with `torch.load(weights_only=True)`, which runs no code.
 """
 from __future__ import annotations
 
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 from models.checkpoint import (CheckpointError, IGNORED_KEYS, read_json, read_tensors, split_prefix,
                                unet_from_compvis, vae_from_compvis, vae_from_diffusers)
 from models.families import FAMILIES, Family, family
-from models.presets import ModelConfig, preset, unet_config_from_diffusers, vae_config_from_diffusers
+from models.presets import ModelConfig, load_toml, preset, unet_config_from_diffusers, vae_config_from_diffusers
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 SD_V1_TELL = UNET + "output_blocks.11.0.skip_connection.weight"  # diffusers' own test for an SD v1 file
 CROSS_K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+NATIVE_CONFIG, NATIVE_WEIGHTS = "model.toml", "model.safetensors"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"  # the model trained by p2p.train, shipped with p2p
 LDM_TELL = TEXT + "attn_layers."  # LDM's x-transformers text encoder (SD v1: cond_stage_model.transformer.text_model.)
 WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
                 "text": ("model", "pytorch_model")}  # file names in a diffusers folder, before the extension
@@ -33,14 +36,38 @@ def read_model(path: str | Path, *, variant: str | None = None, ema: bool = True
     `config` names the preset a single file is read with (default: the detected family's). `pickles`:
     None reads PyTorch pickles where the family's runtime does (SD v1), True always (`p2p convert`).
     """
-    path = Path(path)
+    path = EMBEDDED_DIR if str(path) == "embedded" and not Path(path).exists() else Path(path)
+    if path.is_dir() and (path / NATIVE_CONFIG).is_file():
+        return read_native(path)
     if path.is_dir():
         return read_folder(path, variant, pickles)
     if path.is_file():
         return (*read_single_file(path, config, ema, pickles), None)
     raise FileNotFoundError(f"model not found: {path} (give a diffusers folder (SD v1: unet/ vae/ text_encoder/ "
-                            "tokenizer/; LDM: unet/ vqvae/ bert/ tokenizer/) or a single .safetensors checkpoint; "
-                            "`p2p download` fetches them)")
+                            "tokenizer/; LDM: unet/ vqvae/ bert/ tokenizer/), a single .safetensors checkpoint "
+                            "(`p2p download` fetches them), or `embedded` for the small model shipped with p2p)")
+
+
+# --- native folders: what p2p.train exports, e.g. the embedded default model --------------------------
+
+def read_native(path: Path):
+    """A native model folder: model.toml (a ModelConfig), model.safetensors (the three networks under the
+    prefixes unet. vae. text.), tokenizer/ (vocab.json + merges.txt, or a WordPiece vocab.txt)."""
+    try:
+        cfg = load_toml(path / NATIVE_CONFIG)
+    except (ValueError, TypeError, tomllib.TOMLDecodeError) as e:
+        raise CheckpointError(f"{path / NATIVE_CONFIG} is not a valid model config: {e}") from e
+    sd = read_tensors(path / NATIVE_WEIGHTS)
+    sds = {part: split_prefix(sd, part + ".") for part in ("unet", "vae", "text")}
+    stray = sorted(k for k in sd if not k.startswith(("unet.", "vae.", "text.")))
+    if stray or not all(sds.values()):
+        empty = [part for part, v in sds.items() if not v]
+        raise CheckpointError(f"{path / NATIVE_WEIGHTS} is not a native p2p weights file: "
+                              + (f"no {', '.join(p + '.*' for p in empty)} tensors" if empty else "")
+                              + ("; " if empty and stray else "")
+                              + (f"keys outside unet./vae./text.: {', '.join(stray[:5])}" if stray else ""))
+    tok = path / "tokenizer"
+    return cfg, sds, tok if tok.is_dir() else None
 
 
 def needs_conversion(path: Path, pickles: list[Path], fam: Family) -> CheckpointError:
