@@ -148,11 +148,11 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     ckpt, log = run / "vae.pt", Log(run / "vae_log.jsonl")
     step = load_state(ckpt, {"vae": vae}, opt)[0] if ckpt.is_file() else 0
-    for group in opt.param_groups:  # the lr given now, also when resuming
-        group["lr"] = lr
     g = torch.Generator().manual_seed(seed + step)
     bar = tqdm(total=steps, initial=step, desc="vae")
     while step < steps:
+        for group in opt.param_groups:  # cosine decay to 5% (the annealed end sharpens the reconstructions)
+            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         x = as_float(images[torch.randint(len(images), (batch,), generator=g)])
         mean, logvar = vae.posterior(x)
         # Decode the posterior mean: with a KL weight this small a sampled z only adds noise that the decoder
