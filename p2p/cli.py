@@ -1,4 +1,5 @@
-"""Command line: `p2p generate`, `p2p edit`, `p2p sweep`, `p2p attention`, `p2p download`, `p2p convert`.
+"""Command line: `p2p generate`, `p2p edit`, `p2p invert`, `p2p sweep`, `p2p attention`, `p2p download`,
+`p2p convert`.
 
 Errors a user can fix (a wrong path, a foreign checkpoint, a bad size) are printed as one line
 naming the problem and the fix, with exit status 2; anything else is a bug and keeps its traceback.
@@ -165,12 +166,87 @@ def edit_settings(args):
 def cmd_edit(args) -> int:
     from .edit import run_edit, save_edit
 
+    inverted = None
+    if args.inverted:  # a saved inversion: its caption is the source prompt unless --prompt repeats it
+        from .inversion import Inversion
+
+        if args.image:
+            raise ValueError("give --image PHOTO (inverted now) or --inverted FILE (a saved inversion), not both")
+        inverted = Inversion.load(args.inverted)
+        args.prompt = args.prompt or inverted.prompt
+    elif args.image:
+        from .images import open_image
+
+        open_image(args.image)  # an unreadable photo fails before the model loads
     settings = edit_settings(args)
     pipe = load_pipeline(args)
     t0 = time.perf_counter()
-    result = run_edit(pipe, settings, progress=not args.quiet)
-    paths = save_edit(result, args.out_dir, {"model": str(args.model)})
+    inversion, extra = inversion_of(args, pipe, settings, inverted)
+    result = run_edit(pipe, settings, progress=not args.quiet, inversion=inversion)
+    paths = save_edit(result, args.out_dir, {"model": str(args.model), **extra})
     print(f"wrote {len(paths)} images to {args.out_dir} ({time.perf_counter() - t0:.1f} s on {pipe.device})")
+    return 0
+
+
+# --- real images ---------------------------------------------------------------------------------------
+
+def add_image_args(p: argparse.ArgumentParser, edit: bool) -> None:
+    from .inversion import METHODS
+
+    g = p.add_argument_group("real image")
+    g.add_argument("--image", required=not edit, help="a photo (PNG, JPEG, WebP, ...), centre-cropped to a square "
+                   "and resized to the model's size; --prompt is its caption" + (" (the edit's source)" if edit else ""))
+    g.add_argument("--inversion", choices=METHODS, help="ddim (z_T only), null-text (Mokady et al., the authors'; "
+                   "the default), negative-prompt (Miyake et al.) or direct (Ju et al.)")
+    g.add_argument("--inner-steps", type=int, default=10, help="null-text: Adam iterations per step (default 10)")
+    g.add_argument("--early-stop", type=float, default=1e-5, help="null-text: a step stops optimising when its loss "
+                   "is below this + 2e-5 * step (default 1e-5)")
+    if edit:
+        g.add_argument("--inverted", help="edit a saved inversion (`p2p invert --out FILE`) instead of --image; its "
+                       "caption is the source prompt")
+
+
+def inversion_of(args, pipe, settings, inverted):
+    """The inversion an edit starts from (None: a generated image) and what the PNGs record about it."""
+    if inverted is not None:
+        if args.inversion and args.inversion != inverted.method:
+            raise ValueError(f"{args.inverted} is a {inverted.method} inversion; drop --inversion {args.inversion}")
+        return inverted, {"inverted": str(args.inverted), "inversion": inverted.method}
+    if not args.image:
+        if args.inversion:
+            raise ValueError("--inversion needs a photo to invert: add --image PHOTO (or --inverted FILE)")
+        return None, {}
+    from .inversion import invert
+
+    inv = invert(pipe, args.image, settings.prompt, args.inversion or "null-text", steps=settings.steps,
+                 guidance=settings.guidance, inner_steps=args.inner_steps, early_stop=args.early_stop,
+                 progress=not args.quiet)
+    return inv, {"image": str(args.image), "inversion": inv.method}
+
+
+def cmd_invert(args) -> int:
+    from .images import open_image
+    from .inversion import invert, reconstruct
+
+    open_image(args.image)  # an unreadable photo fails before the model loads
+    pipe = load_pipeline(args)
+    inv = invert(pipe, args.image, args.prompt, args.inversion or "null-text", steps=args.steps,
+                 guidance=args.guidance, inner_steps=args.inner_steps, early_stop=args.early_stop,
+                 progress=not args.quiet)
+    inv.info.update(image=str(args.image), model=str(args.model))
+    out = inv.save(args.out)
+    msg = (f"wrote {out}: {inv.method} inversion, {inv.steps} steps, guidance {inv.guidance} "
+           f"({inv.info['seconds']:.1f} s on {pipe.device})")
+    if args.reconstruction:
+        from .images import load_image, psnr
+        from .pipeline import save_png
+
+        (image,) = pipe.decode(reconstruct(pipe, inv, progress=not args.quiet))
+        save_png(image, args.reconstruction, {"command": "invert", "inverted": str(out), "prompt": inv.prompt,
+                                              "inversion": inv.method, "model": str(args.model)})
+        score = psnr(image, load_image(args.image, pipe.cfg.image_size))
+        msg += f"; reconstruction {args.reconstruction}: PSNR {score:.2f} dB against the prepared photo"
+    print(msg)
     return 0
 
 
@@ -276,8 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_edit_args(p)
     add_generation_args(p)
+    add_image_args(p, edit=True)
     p.add_argument("--out-dir", required=True, help="writes 0.png (source), 1.png, ... and grid.png")
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("invert", help="invert a photo with its caption (for editing it with p2p edit --inverted)")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the photo's caption: the source prompt of its edits")
+    add_image_args(p, edit=False)
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 50); edits use the same")
+    p.add_argument("--guidance", type=float, help="guidance scale w the inversion is made for (default: the model's)")
+    p.add_argument("--out", required=True, help="the inversion, a .safetensors file")
+    p.add_argument("--reconstruction", help="also write the image regenerated from the inversion (PNG) and print "
+                   "its PSNR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("sweep", help="a grid of edits over the values of one parameter (ablation figures)")
     add_model_args(p)

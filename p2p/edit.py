@@ -23,6 +23,7 @@ from .controllers import AttentionStore, SiteSelection
 from .edits import Edit, Refine, Replace, Reweight, as_window, cross_schedule, self_window
 from models.presets import PRESETS, ModelConfig
 
+from .inversion import Inversion
 from .pipeline import Pipeline, save_png
 
 MODES = ("replace", "refine", "reweight")
@@ -163,17 +164,23 @@ class EditResult:
 
 
 def run_edit(pipe: Pipeline, settings: EditSettings, *, store: AttentionStore | None = None,
-             progress: bool = True) -> EditResult:
-    """Algorithm 1: the source and every edit denoised together from the seed's z_T."""
-    s = settings
+             progress: bool = True, inversion: Inversion | None = None) -> EditResult:
+    """Algorithm 1: the source and every edit denoised together from the seed's z_T, or, for a real image,
+    from an `inversion`'s z_T with its unconditional embeddings (p2p/inversion.py): row 0 is then the
+    reconstruction of the image, and the steps, guidance and size default to the inversion's."""
+    s = settings if inversion is None else inversion.settle(settings)
     steps = s.steps or pipe.cfg.steps
     ctl = build_controller(s, pipe.tokenizer, steps, store=store, model=pipe.cfg)
     height, width = s.height or pipe.cfg.image_size, s.width or pipe.cfg.image_size
     g = torch.Generator("cpu").manual_seed(s.seed)
-    z_T = torch.randn(pipe.latent_shape(height, width), generator=g)
-    cond, uncond = pipe.encode_text(s.prompts), pipe.encode_text([s.negative_prompt])
-    z_0 = pipe.denoise(z_T, cond, uncond, steps=steps, guidance=pipe.cfg.guidance if s.guidance is None else s.guidance,
-                       eta=s.eta, generator=g, controller=ctl, low_memory=s.low_memory, progress=progress)
+    if inversion is None:
+        z_T = torch.randn(pipe.latent_shape(height, width), generator=g)
+        inputs = {"z_T": z_T, "uncond": pipe.encode_text([s.negative_prompt])}
+    else:
+        inputs = inversion.sampling_inputs(pipe, s.negative_prompt)
+    z_0 = pipe.denoise(cond=pipe.encode_text(s.prompts), steps=steps, eta=s.eta, generator=g, controller=ctl,
+                       guidance=pipe.cfg.guidance if s.guidance is None else s.guidance,
+                       low_memory=s.low_memory, progress=progress, **inputs)
     return EditResult(s, pipe.decode(z_0), z_0, ctl)
 
 
@@ -215,8 +222,8 @@ def save_edit(result: EditResult, out_dir: str | Path, extra: dict | None = None
     return paths
 
 
-def sweep(pipe: Pipeline, settings: EditSettings, param: str, values: list, *, progress: bool = True
-          ) -> tuple[Image.Image, list[EditResult]]:
+def sweep(pipe: Pipeline, settings: EditSettings, param: str, values: list, *, progress: bool = True,
+          inversion: Inversion | None = None) -> tuple[Image.Image, list[EditResult]]:
     """One edit per value of a parameter; a grid with the source first, then one column per value.
 
     `param` is an EditSettings field (e.g. cross_replace, self_replace, blend_threshold), "reweight:WORD"
@@ -233,7 +240,7 @@ def sweep(pipe: Pipeline, settings: EditSettings, param: str, values: list, *, p
             s = replace(settings, **{param: v})
         else:
             raise ValueError(f"cannot sweep {param!r}: use an edit setting, reweight:WORD, cross_res or self_res")
-        results.append(run_edit(pipe, s, progress=progress))
+        results.append(run_edit(pipe, s, progress=progress, inversion=inversion))
         captions.append(f"{param}={v}")
     # one row per edited prompt: the source, then the edit at each value
     cells, caps = [], []

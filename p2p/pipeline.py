@@ -150,14 +150,16 @@ class Pipeline:
     @torch.no_grad()
     def denoise(self, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | Sequence[torch.Tensor],
                 *, steps: int, guidance: float, eta: float = 0.0, generator: torch.Generator | None = None,
-                controller: Controller | None = None, low_memory: bool = False, progress: bool = True
-                ) -> torch.Tensor:
+                controller: Controller | None = None, low_memory: bool = False, progress: bool = True,
+                source_offsets: Sequence[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
         """Guided DDIM from z_T (B or 1 rows) to z_0 (B rows), B = len(cond).
 
         `uncond` is the unconditional psi("") (B or 1 rows), or one such tensor per step (null-text
-        inversion). With `low_memory` the two guidance branches run as two UNet calls. Guidance w <= 1
-        runs the conditional branch only (as diffusers). With eta > 0 the fresh noise of each step is
-        drawn like z_T (one row when z_T has one) and shared by the prompts, as z_T is.
+        inversion): a list, or a tensor (steps, B or 1, 77, width). With `low_memory` the two guidance
+        branches run as two UNet calls. Guidance w <= 1 runs the conditional branch only (as diffusers).
+        With eta > 0 the fresh noise of each step is drawn like z_T (one row when z_T has one) and shared
+        by the prompts, as z_T is. `source_offsets` (one (1, 4, h, w) latent per step, direct inversion,
+        Ju et al. 2023) is added to row 0 after each DDIM step, before the controller sees the latents.
         """
         B = cond.shape[0]
         z = z_T.to(self.device, self.dtype).expand(B, *z_T.shape[1:])
@@ -165,8 +167,13 @@ class Pipeline:
         timesteps = self.ddim.timesteps(steps)
         if eta > 0 and generator is None:
             raise ValueError("eta > 0 draws fresh noise every step: pass a generator")
+        per_step = isinstance(uncond, (list, tuple)) or uncond.dim() == 4
+        for name, v in (("uncond", uncond if per_step else None), ("source_offsets", source_offsets)):
+            if v is not None and len(v) != steps:
+                raise ValueError(f"{name} has {len(v)} per-step entries for {steps} steps: an inversion is "
+                                 f"made for one number of steps; sample with steps={len(v)}")
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
-            u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
+            u = uncond[i] if per_step else uncond
             u = u.to(self.device, self.dtype).expand(B, *u.shape[1:])
             if guidance <= 1:
                 ctl.begin_step(i, t, GuidanceLayout(B, None, slice(0, B)))
@@ -186,6 +193,8 @@ class Pipeline:
                 noise = torch.randn(z_T.shape, generator=generator, dtype=z.dtype, device=generator.device)
                 noise = noise.to(z.device).expand_as(z)
             z = self.ddim.step(eps, t, z, steps, eta=eta, noise=noise)
+            if source_offsets is not None:  # direct inversion: the source row back onto the inverted trajectory
+                z = torch.cat([z[:1] + source_offsets[i].to(z.device, z.dtype), z[1:]])
             z = ctl.end_step(i, z)
         return z
 

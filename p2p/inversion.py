@@ -1,0 +1,273 @@
+"""Real-image inversion: an image and its caption P -> the z_T (and guidance inputs) that regenerate it, so
+that Prompt-to-Prompt can edit it (paper Sec. 4, "Real image editing"; its follow-ups).
+
+    from p2p.inversion import invert, reconstruct
+    inv = invert(pipe, "cat.jpg", "a cat sitting next to a mirror", method="null-text")
+    inv.save("cat.safetensors")                     # invert once, edit many times: Inversion.load(...)
+    z_0 = reconstruct(pipe, inv)                    # row 0 of every edit of `inv`
+    run_edit(pipe, EditSettings(inv.prompt, targets=("a tiger sitting next to a mirror",)), inversion=inv)
+
+All four methods start from DDIM inversion (Song et al. 2021; the authors' `ddim_loop`): from the image's
+latent z*_0 = E(x), run the deterministic DDIM step backwards with the conditional branch only (w = 1),
+eps predicted at the *next* timestep from the current latent:
+
+    z*_t = sqrt(alpha_bar_t) (z*_t' - sqrt(1 - alpha_bar_t') eps) / sqrt(alpha_bar_t') + sqrt(1 - alpha_bar_t) eps,
+    eps = eps_theta(z*_t', t, psi(P)),  t' = t - 1000 / N                       (models/ddim.py: invert_step)
+
+giving the pivot trajectory z*_0, ..., z*_T. Sampling from z_T = z*_T retraces it closely at w = 1 but
+drifts at w = 7.5, where guidance amplifies eps_c - eps_u. The methods differ in how they fix that:
+
+  ddim             nothing: z_T only; uncond psi("") when editing (the paper's own real-image results).
+  null-text        Mokady et al. 2023, the authors' `null_optimization`: for each step i (t = t_i), with
+                   z_bar_T = z*_T, optimise the unconditional embedding phi_i (warm-started from phi_{i-1},
+                   phi_{-1} = psi("")) by Adam with lr 1e-2 (1 - i/100), at most 10 iterations, until
+                   || DDIM_w(z_bar_t, phi_i) - z*_{t'} ||^2 (mean) < 1e-5 + 2e-5 i; then z_bar_t' = DDIM_w(z_bar_t, phi_i).
+  negative-prompt  Miyake et al. 2023: phi_i = psi(P) for every step, so eps_u = eps_c at the source and
+                   w drops out of the source branch (it equals DDIM at w = 1). No optimisation.
+  direct           Ju et al. 2023 (PnP inversion, "Direct Inversion"): uncond psi(""), and per step the
+                   offset d_i = z*_{t'} - DDIM_w(z_bar_t), z_bar_t' = z*_{t'}; when editing, d_i is added to the
+                   source row only, after its DDIM step and before local blending (their
+                   `direct_inversion_p2p_guidance_diffusion_step`). The source retraces the pivot exactly.
+
+The timesteps are the pipeline's (for SD v1 with steps_offset 1: 981, ..., 1, where the authors' null-text
+notebook has 980, ..., 0). An `Inversion` holds what editing needs and round-trips through a .safetensors file
+whose header carries the rest as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .images import encode_image, load_image
+
+METHODS = ("ddim", "null-text", "negative-prompt", "direct")
+FORMAT = "p2p-inversion/1"
+KEY = "p2p_inversion"  # the safetensors header entry with the JSON metadata
+
+
+def fingerprint(pipe) -> float:
+    """A number that tells models apart: the sum of the UNet's first convolution's weights (float64)."""
+    return float(pipe.unet.conv_in.weight.detach().double().sum())
+
+
+@dataclass
+class Inversion:
+    """What an edit of a real image needs, for one caption, method, number of steps and guidance scale."""
+
+    z_T: torch.Tensor  # (1, 4, h, w): the latent sampling starts from
+    prompt: str  # the caption P the image was inverted with: the edit's source prompt
+    method: str  # one of METHODS
+    steps: int  # N, the DDIM steps the inversion is valid for
+    guidance: float  # w: the scale null-text / direct are made for, and the default scale of an edit
+    image_size: tuple[int, int]  # (height, width) in pixels
+    uncond: torch.Tensor | None = None  # null-text: (N, 77, width), one phi_i per step; negative-prompt: (1, 77, width)
+    offsets: torch.Tensor | None = None  # direct: (N, 1, 4, h, w), added to the source row after step i
+    z_0: torch.Tensor | None = None  # E(x), the latent of the image (what a reconstruction aims at)
+    info: dict = field(default_factory=dict)  # timings, per-step losses, model fingerprint (JSON-able)
+
+    # --- use ---------------------------------------------------------------------------------------
+
+    def settle(self, settings):
+        """EditSettings with this inversion's steps / guidance / size filled in; raises ValueError on
+        settings an edit of this inversion cannot honour. The seed is unused (z_T is the inversion's)."""
+        s, fix = settings, {}
+        if s.prompt != self.prompt:
+            raise ValueError(f"the edit's source prompt {s.prompt!r} is not the caption the image was inverted with "
+                             f"({self.prompt!r}): use that caption as the source prompt, or invert again with yours")
+        for name, mine in (("steps", self.steps), ("height", self.image_size[0]), ("width", self.image_size[1])):
+            value = getattr(s, name)
+            if value is not None and value != mine:
+                raise ValueError(f"the inversion is made for {name}={mine}, the edit asks for {name}={value}: "
+                                 f"leave {name} unset or invert again with it")
+            fix[name] = mine
+        if s.guidance is not None and s.guidance != self.guidance and self.method in ("null-text", "direct"):
+            raise ValueError(f"a {self.method} inversion is made for guidance {self.guidance} and reconstructs only "
+                             f"with it; the edit asks for {s.guidance}: leave guidance unset or invert again with it")
+        fix["guidance"] = self.guidance if s.guidance is None else s.guidance
+        if s.eta:
+            raise ValueError(f"an inverted image is edited with deterministic DDIM (eta 0), got eta={s.eta}")
+        if s.negative_prompt and self.method != "ddim":
+            raise ValueError(f"a {self.method} inversion sets the unconditional branch itself; drop the negative "
+                             "prompt (it only combines with --inversion ddim)")
+        return replace(s, **fix)
+
+    def sampling_inputs(self, pipe, negative_prompt: str = "") -> dict:
+        """z_T, uncond and source_offsets for `Pipeline.denoise` on `pipe` (checked to be the inverting model)."""
+        if tuple(self.z_T.shape) != pipe.latent_shape(*self.image_size):
+            raise ValueError(f"the inversion's z_T is {tuple(self.z_T.shape)} but this model's latent for "
+                             f"{self.image_size[0]}x{self.image_size[1]} is {pipe.latent_shape(*self.image_size)}: "
+                             "it was made with another model; invert the image again with this one")
+        fp = self.info.get("model_fingerprint")
+        if fp is not None and abs(fp - fingerprint(pipe)) > 1e-3 * max(1.0, abs(fp)):
+            raise ValueError("the inversion was made with another model (its UNet weights differ): invert the image "
+                             "again with this model")
+        if self.method == "null-text":
+            uncond = self.uncond[:, None]  # (N, 1, 77, width): one embedding per step, shared by the prompts
+        elif self.method == "negative-prompt":
+            uncond = self.uncond
+        else:
+            uncond = pipe.encode_text([negative_prompt])
+        return {"z_T": self.z_T, "uncond": uncond, "source_offsets": self.offsets}
+
+    # --- file -----------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """One .safetensors file: the tensors, and the rest as JSON under the header key "p2p_inversion"."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in
+                   (("z_T", self.z_T), ("uncond", self.uncond), ("offsets", self.offsets), ("z_0", self.z_0))
+                   if v is not None}
+        meta = {"format": FORMAT, "prompt": self.prompt, "method": self.method, "steps": self.steps,
+                "guidance": self.guidance, "image_size": list(self.image_size), "info": self.info}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Inversion:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no inversion file at {path} (write one with `p2p invert ... --out {path}`)")
+        try:
+            with safe_open(str(path), "pt") as f:
+                header = (f.metadata() or {}).get(KEY)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable .safetensors file ({e}); write it with `p2p invert`") from None
+        if header is None:
+            raise ValueError(f"{path} is a safetensors file but not an inversion (no {KEY!r} metadata); "
+                             "write one with `p2p invert`")
+        meta = json.loads(header)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is an inversion of format {meta.get('format')!r}; this p2p reads {FORMAT!r}")
+        return cls(tensors["z_T"], meta["prompt"], meta["method"], int(meta["steps"]), float(meta["guidance"]),
+                   tuple(meta["image_size"]), tensors.get("uncond"), tensors.get("offsets"), tensors.get("z_0"),
+                   meta.get("info", {}))
+
+
+# --- the methods ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ddim_inversion(pipe, z_0: torch.Tensor, cond: torch.Tensor, steps: int, progress: bool = True
+                   ) -> list[torch.Tensor]:
+    """The pivot trajectory [z*_0, z*_1, ..., z*_N] (z*_N = z_T), conditional branch only (w = 1)."""
+    z = z_0.to(pipe.device, pipe.dtype)
+    trajectory = [z]
+    for t in tqdm(pipe.ddim.timesteps(steps)[::-1], disable=not progress, desc="DDIM inversion", leave=False):
+        z = pipe.ddim.invert_step(pipe.unet(z, t, cond), t, z, steps)
+        trajectory.append(z)
+    return trajectory
+
+
+def guided_eps(pipe, z, t, cond, uncond, guidance):
+    eps_u, eps_c = pipe.unet(torch.cat([z, z]), t, torch.cat([uncond.to(z.dtype), cond])).chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def null_text_optimisation(pipe, trajectory, cond, uncond, steps, guidance, *, inner_steps=10, early_stop=1e-5,
+                           lr=1e-2, progress=True) -> tuple[torch.Tensor, dict]:
+    """phi_0..phi_{N-1} (N, 77, width) in float32, and per-step {final loss, iterations} (Mokady et al., Alg. 1)."""
+    timesteps, ddim = pipe.ddim.timesteps(steps), pipe.ddim
+    z, phi = trajectory[-1], uncond.float()
+    phis, losses, iterations = [], [], []
+    bar = tqdm(total=steps * inner_steps, disable=not progress, desc="null-text optimisation", leave=False)
+    for i, t in enumerate(timesteps):
+        target = trajectory[steps - i - 1].float()
+        phi = phi.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([phi], lr=lr * (1.0 - i / 100.0))
+        with torch.no_grad():
+            eps_c = pipe.unet(z, t, cond)
+        loss_item, j = float("nan"), 0
+        for j in range(inner_steps):
+            with torch.enable_grad():
+                eps_u = pipe.unet(z, t, phi.to(pipe.dtype))
+                z_prev = ddim.step(eps_u + guidance * (eps_c - eps_u), t, z, steps)
+                loss = F.mse_loss(z_prev.float(), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            loss_item = loss.item()
+            if loss_item < early_stop + i * 2e-5:  # the authors' threshold grows with the step index
+                break
+        bar.update(inner_steps)
+        phis.append(phi.detach()[0])
+        losses.append(loss_item)
+        iterations.append(j + 1 if inner_steps else 0)
+        with torch.no_grad():
+            z = ddim.step(guided_eps(pipe, z, t, cond, phis[-1][None].to(pipe.dtype), guidance), t, z, steps)
+    bar.close()
+    return torch.stack(phis).cpu(), {"losses": losses, "iterations": iterations}
+
+
+@torch.no_grad()
+def direct_offsets(pipe, trajectory, cond, uncond, steps, guidance) -> torch.Tensor:
+    """d_i = z*_{t'} - DDIM_w(z_bar_t) along the pivot (Ju et al. 2023), (N, 1, 4, h, w) float32."""
+    z, out = trajectory[-1], []
+    for i, t in enumerate(pipe.ddim.timesteps(steps)):
+        z_rec = pipe.ddim.step(guided_eps(pipe, z, t, cond, uncond, guidance), t, z, steps)
+        d = trajectory[steps - i - 1] - z_rec
+        out.append(d.float().cpu())
+        z = z_rec + d
+    return torch.stack(out)
+
+
+def check_caption(tokenizer, prompt: str) -> None:
+    n = tokenizer.count(prompt)
+    if n > 77:
+        raise ValueError(f"the caption {prompt!r} is {n} tokens, more than the 77 the text encoder takes; shorten "
+                         "it (an edit aligns its tokens, so it cannot run on a truncated caption)")
+
+
+def invert(pipe, image: str | Path | Image.Image, prompt: str, method: str = "null-text", *, steps: int | None = None,
+           guidance: float | None = None, inner_steps: int = 10, early_stop: float = 1e-5, lr: float = 1e-2,
+           progress: bool = True) -> Inversion:
+    """Invert a photo (a path or a PIL image, prepared by p2p.images.load_image) with its caption `prompt`.
+
+    `steps` and `guidance` default to the model's (SD v1: 50 and 7.5); `inner_steps`, `early_stop` and `lr`
+    are null-text's (the authors' 10, 1e-5 and 1e-2).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
+    check_caption(pipe.tokenizer, prompt)
+    steps = steps or pipe.cfg.steps
+    guidance = pipe.cfg.guidance if guidance is None else float(guidance)
+    t0 = time.perf_counter()
+    img = load_image(image, pipe.cfg.image_size)
+    z_0 = encode_image(pipe, img)
+    cond = pipe.encode_text([prompt])
+    trajectory = ddim_inversion(pipe, z_0, cond, steps, progress)
+    info = {"model_fingerprint": fingerprint(pipe)}
+    uncond = offsets = None
+    if method == "null-text":
+        uncond, stats = null_text_optimisation(pipe, trajectory, cond, pipe.encode_text([""]), steps, guidance,
+                                               inner_steps=inner_steps, early_stop=early_stop, lr=lr, progress=progress)
+        info.update(stats, inner_steps=inner_steps, early_stop=early_stop, lr=lr)
+    elif method == "negative-prompt":
+        uncond = cond.float().cpu()
+    elif method == "direct":
+        offsets = direct_offsets(pipe, trajectory, cond, pipe.encode_text([""]), steps, guidance)
+    info["seconds"] = time.perf_counter() - t0
+    return Inversion(trajectory[-1].float().cpu(), prompt, method, steps, guidance, (img.height, img.width),
+                     uncond, offsets, z_0, info)
+
+
+def reconstruct(pipe, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:
+    """z_0 regenerated from the inversion with its own caption: the source row of every edit of it."""
+    inputs = inversion.sampling_inputs(pipe)
+    cond = pipe.encode_text([inversion.prompt])
+    return pipe.denoise(inputs["z_T"], cond, inputs["uncond"], steps=inversion.steps, guidance=inversion.guidance,
+                        source_offsets=inputs["source_offsets"], progress=progress)
