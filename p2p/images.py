@@ -39,6 +39,8 @@ def open_image(path: str | Path) -> Image.Image:
             img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
         raise ValueError(f"{path} is not an image file PIL can read (use a PNG, JPEG or WebP image)") from None
+    except PermissionError:
+        raise ValueError(f"cannot read {path}: permission denied (check the file's permissions)") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL: "image file is truncated", broken chunks, bad headers
         raise ValueError(f"cannot decode the image {path}: {e}; the file is truncated or corrupt, "
                          "re-export or re-download it") from None

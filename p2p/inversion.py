@@ -53,9 +53,22 @@ FORMAT = "p2p-inversion/1"
 KEY = "p2p_inversion"  # the safetensors header entry with the JSON metadata
 
 
-def fingerprint(pipe) -> float:
-    """A number that tells models apart: the sum of the UNet's first convolution's weights (float64)."""
-    return float(pipe.unet.conv_in.weight.detach().double().sum())
+def fingerprint(pipe) -> list[float]:
+    """Numbers that tell models apart: sum w and sum |w| of the UNet's first and last convolutions (float64).
+    A guard against editing with another model; a fine-tune of the same model may pass it."""
+    out = []
+    for w in (pipe.unet.conv_in.weight, pipe.unet.conv_out.weight):
+        w = w.detach().double()
+        out += [float(w.sum()), float(w.abs().sum())]
+    return out
+
+
+def same_model(a: list[float], b: list[float]) -> bool:
+    """Fingerprints equal up to the rounding of the weights to float16 or bfloat16 (each weight moves by at
+    most 2^-9 of itself, so each sum by at most 2^-9 sum |w|)."""
+    pairs = list(zip(a[0::2], a[1::2], b[0::2], b[1::2]))
+    return len(a) == len(b) and all(abs(s - t) <= 4e-3 * max(m, n) and abs(m - n) <= 4e-3 * max(m, n)
+                                    for s, m, t, n in pairs)
 
 
 @dataclass
@@ -106,7 +119,7 @@ class Inversion:
                              f"{self.image_size[0]}x{self.image_size[1]} is {pipe.latent_shape(*self.image_size)}: "
                              "it was made with another model; invert the image again with this one")
         fp = self.info.get("model_fingerprint")
-        if fp is not None and abs(fp - fingerprint(pipe)) > 1e-3 * max(1.0, abs(fp)):
+        if fp is not None and not same_model(fp, fingerprint(pipe)):
             raise ValueError("the inversion was made with another model (its UNet weights differ): invert the image "
                              "again with this model")
         if self.method == "null-text":

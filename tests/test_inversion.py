@@ -267,6 +267,18 @@ def test_edit_settings_an_inversion_cannot_honour(pipe, scene, inversions, tok):
         run_edit(tuned_tiny(tok, seed=1), EditSettings(scene[1], targets=(scene[1],)), inversion=inv, progress=False)
 
 
+def test_model_fingerprint_ignores_dtype_but_not_weights(pipe, tok):
+    from copy import deepcopy
+    from types import SimpleNamespace
+
+    from p2p.inversion import fingerprint, same_model
+
+    mine = fingerprint(pipe)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert same_model(mine, fingerprint(SimpleNamespace(unet=deepcopy(pipe.unet).to(dtype))))
+    assert not same_model(mine, fingerprint(tuned_tiny(tok, seed=1)))
+
+
 # --- files ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["ddim@7.5", "null-text", "negative-prompt", "direct"])
