@@ -20,8 +20,10 @@ drifts at w = 7.5, where guidance amplifies eps_c - eps_u. The methods differ in
   ddim             nothing: z_T only; uncond psi("") when editing (the paper's own real-image results).
   null-text        Mokady et al. 2023, the authors' `null_optimization`: for each step i (t = t_i), with
                    z_bar_T = z*_T, optimise the unconditional embedding phi_i (warm-started from phi_{i-1},
-                   phi_{-1} = psi("")) by Adam with lr 1e-2 (1 - i/100), at most 10 iterations, until
-                   || DDIM_w(z_bar_t, phi_i) - z*_{t'} ||^2 (mean) < 1e-5 + 2e-5 i; then z_bar_t' = DDIM_w(z_bar_t, phi_i).
+                   phi_{-1} = psi("")) by Adam with lr 1e-2 (1 - s/100), at most 10 iterations, until
+                   || DDIM_w(z_bar_t, phi_i) - z*_{t'} ||^2 (mean) < 1e-5 + 2e-5 s; then z_bar_t' = DDIM_w(z_bar_t, phi_i).
+                   s = 50 i / N is the step index on the authors' 50-step schedule (s = i for N = 50; their
+                   `1 - i/100` would turn the learning rate negative past 100 steps).
   negative-prompt  Miyake et al. 2023: phi_i = psi(P) for every step, so eps_u = eps_c at the source and
                    w drops out of the source branch (it equals DDIM at w = 1). No optimisation.
   direct           Ju et al. 2023 (PnP inversion, "Direct Inversion"): uncond psi(""), and per step the
@@ -201,7 +203,8 @@ def null_text_optimisation(pipe, trajectory, cond, uncond, steps, guidance, *, i
     for i, t in enumerate(timesteps):
         target = trajectory[steps - i - 1].float()
         phi = phi.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([phi], lr=lr * (1.0 - i / 100.0))
+        s = i * 50 / steps  # the step index on the authors' 50-step schedule
+        opt = torch.optim.Adam([phi], lr=lr * (1.0 - s / 100.0))
         with torch.no_grad():
             eps_c = pipe.unet(z, t, cond)
         loss_item, j = float("nan"), 0
@@ -214,7 +217,7 @@ def null_text_optimisation(pipe, trajectory, cond, uncond, steps, guidance, *, i
                 loss.backward()
                 opt.step()
             loss_item = loss.item()
-            if loss_item < early_stop + i * 2e-5:  # the authors' threshold grows with the step index
+            if loss_item < early_stop + s * 2e-5:  # the authors' threshold grows with the step index
                 break
         bar.update(inner_steps)
         phis.append(phi.detach()[0])

@@ -168,20 +168,22 @@ def test_guidance_7_5_breaks_ddim_and_the_fixes_repair_it(pipe, inversions):
     assert err["ddim@7.5"] > 100 * err["ddim@1"]  # measured 2.2e-1 against 3.0e-4
     assert err["null-text"] < err["ddim@7.5"] / 5  # measured 1.8e-2
     assert err["negative-prompt"] == pytest.approx(err["ddim@1"], rel=1e-3)  # eps_u = eps_c: w drops out
+    assert err["negative-prompt"] < err["ddim@7.5"] / 100 and err["direct"] < err["ddim@7.5"] / 100
     assert err["direct"] < 1e-10  # the source row is put back on the pivot trajectory every step
 
 
 def test_null_text_follows_the_authors_adam_schedule(pipe, scene):
     """With one Adam iteration per step, every element moves by lr g / (|g| + 1e-8): the largest move of
-    step i is its learning rate 1e-2 (1 - i / 100), warm-started from the previous step's embedding."""
+    step i is its learning rate 1e-2 (1 - s / 100), s = 50 i / N the step on the authors' 50-step schedule,
+    warm-started from the previous step's embedding."""
     inv = invert(pipe, scene[0], scene[1], "null-text", steps=STEPS, inner_steps=1, progress=False)
     phi = torch.cat([pipe.encode_text([""]), inv.uncond])
     moves = (phi[1:] - phi[:-1]).abs().flatten(1).amax(1)
-    lr = 1e-2 * (1 - torch.arange(STEPS) / 100)  # a constant 1e-2 would be off by i %
+    lr = 1e-2 * (1 - torch.arange(STEPS) * 50 / STEPS / 100)  # 1e-2, 0.95e-2, ..., 0.55e-2
     assert (moves <= lr * (1 + 1e-5)).all() and (moves >= lr * (1 - 3e-3)).all()  # measured 0.9986-0.9999 lr
     assert inv.info["iterations"] == [1] * STEPS and inv.uncond.shape == (STEPS, 77, 32)
     early = invert(pipe, scene[0], scene[1], "null-text", steps=4, early_stop=1.0, progress=False)
-    assert early.info["iterations"] == [1] * 4  # every loss is below 1 + 2e-5 i: stop after the first update
+    assert early.info["iterations"] == [1] * 4  # every loss is below 1 + 2e-5 s: stop after the first update
 
 
 def test_null_text_with_no_iterations_is_ddim(pipe, scene, inversions):
