@@ -8,7 +8,7 @@ z_t (the DDIM ODE is then smooth, as for a trained model), and the cross-attenti
 mean((z_0 reconstructed - E(x))^2) / mean(E(x)^2):
 
     DDIM, w = 1    3.0e-4         DDIM, w = 7.5    2.2e-1
-    null-text      1.8e-2         negative-prompt  3.0e-4 (= DDIM at w = 1)      direct  0 (exact)
+    null-text      2.1e-2         negative-prompt  3.0e-4 (= DDIM at w = 1)      direct  0 (exact)
 """
 import json
 import re
@@ -166,7 +166,7 @@ def test_ddim_inversion_at_guidance_1_reconstructs(pipe, inversions):
 def test_guidance_7_5_breaks_ddim_and_the_fixes_repair_it(pipe, inversions):
     err = {k: rel_error(pipe, inv) for k, inv in inversions.items()}
     assert err["ddim@7.5"] > 100 * err["ddim@1"]  # measured 2.2e-1 against 3.0e-4
-    assert err["null-text"] < err["ddim@7.5"] / 5  # measured 1.8e-2
+    assert err["null-text"] < err["ddim@7.5"] / 5  # measured 2.1e-2
     assert err["negative-prompt"] == pytest.approx(err["ddim@1"], rel=1e-3)  # eps_u = eps_c: w drops out
     assert err["negative-prompt"] < err["ddim@7.5"] / 100 and err["direct"] < err["ddim@7.5"] / 100
     assert err["direct"] < 1e-10  # the source row is put back on the pivot trajectory every step
