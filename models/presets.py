@@ -59,6 +59,20 @@ PRESETS: dict[str, ModelConfig] = {
         text=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         image_size=64, blend_res=2,
     ),
+    # The embedded default model (p2p/embedded, trained by p2p/train.py on p2p/scenes.py): SD v1's code paths
+    # at a toy size. 64 px images, a KL-f4 autoencoder (16x16x4 latents), a UNet with attention at 16x16 and
+    # 8x8 and in the mid block at 4x4 (7 transformer blocks, as SD's 16 at 64/32/16/8), a 3-layer CLIP-style
+    # text encoder over the caption vocabulary's BPE (586 tokens). The VAE scaling factor is 1 / std of the
+    # training latents. P2P defaults at its resolutions: blend from the 8x8 maps, self-injection where keys <= 8**2.
+    "embedded": ModelConfig(
+        "sd-v1",
+        unet=UNetConfig(block_out_channels=(48, 96, 96), attention_levels=(True, True, False), layers_per_block=1,
+                        heads=4, cross_attention_dim=128, norm_num_groups=16, sample_size=16),
+        vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, scaling_factor=0.80182),
+        text=CLIPTextConfig(vocab_size=586, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                            num_attention_heads=4),
+        guidance=5.0, steps=50, image_size=64, blend_res=8, self_max_keys=8 ** 2, store_max_queries=16 ** 2,
+    ),
     # LDM text2img-large-256: the SD v1 UNet cross-attending to 1280-wide LDMBert states, at 32x32 latents
     # (attention at 32, 16, 8 and the mid block at 4). The authors' LDM notebook: guidance 5, the store
     # keeps maps with <= 16**2 queries, local blend from the 16x16 maps (down_cross[:2] + up_cross[3:6]),

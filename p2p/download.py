@@ -40,7 +40,7 @@ HF_BASE_URL = "https://huggingface.co"
 BASE_URL_ENV = "P2P_DOWNLOAD_BASE_URL"
 TOKEN_ENV = "HF_TOKEN"
 MANIFEST_NAME = "weights_manifest.json"
-LAYOUTS = ("single-file", "diffusers")
+LAYOUTS = ("single-file", "diffusers", "shipped")  # shipped: in this repository, verified, never fetched
 FAMILIES = ("sd-v1", "ldm")
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -107,17 +107,20 @@ def validate_manifest(manifest: dict, source: str = "manifest") -> None:
         if entry["layout"] == "single-file" and len(files) != 1:
             raise ManifestError(f"{where}: a single-file entry must list exactly one file")
         for i, spec in enumerate(files):
-            _validate_file(spec, f"{where} file #{i}")
+            _validate_file(spec, f"{where} file #{i}", shipped=entry["layout"] == "shipped")
 
 
-def _validate_file(spec: dict, where: str) -> None:
+def _validate_file(spec: dict, where: str, shipped: bool = False) -> None:
     if not isinstance(spec, dict):
         raise ManifestError(f"{where}: expected an object")
     path = spec.get("path")
     if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path \
             or ".." in path.split("/"):
         raise ManifestError(f"{where}: 'path' must be a relative POSIX path without '..'")
-    if not isinstance(spec.get("url"), str) or not spec["url"].startswith(("http://", "https://")):
+    if shipped:
+        if not (isinstance(spec.get("size"), int) and isinstance(spec.get("sha256"), str)):
+            raise ManifestError(f"{where} ({path}): a shipped file needs its size and sha256")
+    elif not isinstance(spec.get("url"), str) or not spec["url"].startswith(("http://", "https://")):
         raise ManifestError(f"{where} ({path}): 'url' must be an http(s) URL")
     size, sha = spec.get("size"), spec.get("sha256")
     if size is not None and (type(size) is not int or size < 0):
@@ -149,6 +152,8 @@ def download(name: str, dest: str | Path, *, manifest: dict | None = None,
                                 f"{', '.join(sorted(manifest))}")
     entry = manifest[name]
     validate_manifest({name: entry})
+    if entry["layout"] == "shipped":
+        return verify_shipped(name, entry)
     base = base_url or os.environ.get(BASE_URL_ENV) or None
     root = Path(dest) / name
     for spec in entry["files"]:
@@ -156,6 +161,19 @@ def download(name: str, dest: str | Path, *, manifest: dict | None = None,
     if entry["layout"] == "single-file":
         return root / entry["files"][0]["path"]
     return root
+
+
+def verify_shipped(name: str, entry: dict) -> Path:
+    """A model that ships inside this repository (the embedded default): nothing to fetch; its files are
+    checked against the manifest and its folder (`--model`) returned."""
+    repo = Path(__file__).resolve().parent.parent
+    for spec in entry["files"]:
+        path = repo / spec["path"]
+        problem = _problem(path, spec["size"], spec["sha256"]) if path.is_file() else "missing"
+        if problem:
+            raise DownloadError(f"{name} ships with p2p at {path}, but that file is {problem}; restore it with "
+                                f"`git checkout -- {spec['path']}` (or retrain: {entry.get('note', 'p2p.train')})")
+    return repo / Path(entry["files"][0]["path"]).parent
 
 
 def sha256_file(path: str | Path) -> str:

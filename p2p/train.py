@@ -32,25 +32,16 @@ from tqdm.auto import tqdm
 
 from models.clip import CLIPTextConfig, CLIPTextModel
 from models.ddim import DDIM
-from models.presets import ModelConfig, to_toml
+from models.presets import ModelConfig, preset, to_toml
 from models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unicode
 from models.unet import UNet, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
 
 from . import scenes
 
-# The embedded model: SD v1's code paths at a toy size. 64 px images, a KL-f4 autoencoder (16x16x4 latents),
-# a UNet with attention at 16x16 and 8x8 and in the mid block at 4x4 (7 transformer blocks, as SD's 16 at
-# 64/32/16/8), a 3-layer CLIP-style text encoder over the caption vocabulary. Mirrored in models/presets.py.
-EMBEDDED = ModelConfig(
-    "sd-v1",
-    unet=UNetConfig(block_out_channels=(48, 96, 96), attention_levels=(True, True, False), layers_per_block=1,
-                    heads=4, cross_attention_dim=128, norm_num_groups=16, sample_size=16),
-    vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8),
-    text=CLIPTextConfig(vocab_size=0, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                        num_attention_heads=4),
-    guidance=5.0, steps=50, image_size=64, blend_res=8, self_max_keys=8 ** 2, store_max_queries=16 ** 2,
-)
+# The embedded model's architecture is the preset "embedded" (models/presets.py, configs/models/embedded.toml);
+# a run sets the text encoder's vocabulary from the tokenizer it learns and the VAE scale from its latents.
+EMBEDDED = preset("embedded")
 
 
 # --- stage 1: the caption tokenizer ----------------------------------------------------------------------
