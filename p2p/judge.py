@@ -1,43 +1,60 @@
-"""An analytic judge of scene images: reads back the attributes that `scenes` draws, with no training.
+"""An analytic judge of scene images: reads back what `scenes` draws, with no training.
 
     from p2p import judge
     reading = judge.judge(image, n_things=2)   # 64x64 RGB PIL image or (64, 64, 3) uint8 array
     reading.background                         # 'green'
     thing = reading.things[0]                  # the largest object found
-    thing.shape, thing.colour, thing.pattern, thing.size, thing.mask, thing.centroid
+    thing.shape, thing.colour, thing.pattern, thing.size, thing.mask, thing.centroid, thing.shape_margin
+    judge.iou(thing.mask, true_mask), judge.centroid_shift(thing.mask, true_mask)
 
-It is meant for the images of a small diffusion model trained on `scenes`, so it reads blurred and noisy
-approximations of the renderings as well as the renderings themselves.
+It is meant for the images of a small diffusion model trained on `scenes`: blurred, noisy approximations of
+the renderings as well as the renderings themselves. Every step is a fit of the generator's own image model
+(numpy only, about 3 ms per image):
 
-Method, step by step (numpy only):
-1. Background: a plane per RGB channel fitted to a two-pixel ring at the image border (the generator keeps
-   every object clear of it), refitted once without the ring pixels it fits worst. Its colour name is the
-   palette colour whose shade line (the colour towards black and towards white, as `scenes.shade` makes
-   the background shades) passes closest to the median of the ring.
-2. Rough objects: pixels of a 3x3-smoothed image whose RGB distance to the background plane exceeds a
-   threshold set from the ring's own residuals; its connected components (4-connected, labelled by label
-   propagation with pointer jumping) of at least MIN_AREA pixels; the n_things largest.
-3. Colour: within each component's interior, the palette colour c whose segment [PATTERN_SHADE * c, c]
-   passes closest to the pixels (plain pixels are c, pattern pixels PATTERN_SHADE * c, blurred ones in
-   between). The margin is the gap in mean RGB distance to the runner-up colour.
-4. Mask: each pixel is unmixed as pixel - bg = u (c - bg) - w PATTERN_SHADE c (least squares, 0 <= w <= u),
-   u being the object's coverage and q = w / u its pattern coverage; the mask is u >= 0.5 near the
-   component, as `scenes.render`'s masks are coverage >= 0.5.
-5. Shape and size: templates from `scenes`' own outlines (tabulated as a radius per direction around the
-   centre) at the mask's centroid, for a grid of angles within the generator's jitter and of radii around
-   the one that gives the mask's area; the shape is the template of best IoU, the margin is the IoU gap to
-   the best other shape. The size compares the fitted radius with the gap between scenes.RADIUS's ranges.
-6. Pattern: from q in the mask's interior: its mean (0 plain, about 0.15-0.4 dotted, 0.5 striped) and the
-   coherence of its gradient structure tensor (stripes vary along one direction only, dots along all).
+1. Background: a plane per RGB channel fitted to the two-pixel border ring (the generator keeps objects clear
+   of it), refitted without the fifth of the ring it fits worst. Its name is the palette colour whose shade
+   line (black -> colour -> white, as `scenes.shade` makes background shades) passes closest to the ring's
+   median colour.
+2. Objects, roughly: pixels of the 3x3-smoothed image farther from the plane than a threshold (MIN_THRESHOLD,
+   or more if the ring itself is noisy), the grey part of the difference down-weighted (noise backgrounds
+   vary in grey only); 4-connected components (label propagation with pointer jumping) of MIN_AREA pixels
+   or more, the n_things largest. If there are fewer components than n_things, a component that erosion
+   cuts in two (two objects joined at a corner) is split.
+3. Colour: the palette colour c whose segment [PATTERN_SHADE c, c] passes closest, on average, to the
+   component's pixels farthest from the background (plain pixels are c, pattern pixels PATTERN_SHADE c,
+   blurred ones in between; pixels mixed with the background are left out).
+4. Mask: each pixel is unmixed as pixel - bg = u (c - bg) - w PATTERN_SHADE c (least squares), u the object's
+   coverage and w <= u its pattern's; the mask is u >= 0.5 around the component, as `scenes.render`'s masks
+   are coverage >= 0.5.
+5. Shape and size: templates built from `scenes`' own outlines, tabulated as a radius per direction around
+   the mask's centroid, tried at angles within the generator's +-12 degree jitter, at the radius that gives
+   the mask's area, then blurred (an outline blurred and thresholded at 0.5 loses its corners, as a blurred
+   image's mask does), then at radii around it. The shape is the template of best IoU with the mask; the
+   size compares the fitted radius with the gap between scenes.RADIUS's ranges.
+6. Pattern: the fraction of the object the pattern covers, sum(w) / sum(u) weighted towards the interior
+   (0 plain, 0.5 striped, 0.15 to 0.37 dotted, depending on the radius), plus two measures of direction on
+   the pattern coverage map of the interior: the spectral power turned by 90 degrees from the peak over the
+   peak (stripes ~0, the square lattice of dots ~1) and the structure-tensor coherence (stripes ~1).
+   Plain below PLAIN_MAX, otherwise stripes or dots by a linear rule on these (STRIPE_W), its weights fitted
+   by logistic regression on scenes with seeds other than the tests'.
 
-Accuracy (tests/test_judge.py), measured on N scenes: see MEASURED below.
+Measured (tests/test_judge.py and the same measure on more scenes), per object, masks against
+`scenes.render`'s, readings paired with objects by mask IoU:
+- clean renderings, 1000 scenes (1301 objects, seed 5): shape, colour, pattern, size, background 100%;
+  mask IoU 0.999 (5th percentile 0.994), centroid error 0.006 px; the tests' 300 scenes (382 objects):
+  the same, IoU 0.999.
+- blur sigma 1 px + noise sigma 8/255, 1000 scenes: shape, colour, pattern, size, background 100%; mask IoU
+  0.945 (5th percentile 0.86: a blurred mask loses the star's tips), centroid error 0.11 px.
+- heavier, 400 scenes (524 objects): blur 1.5 px + noise 8/255: shape 99.4%, pattern 99.6%, colour, size
+  100%, IoU 0.908; blur 1 px + noise 16/255: all 100%, IoU 0.918; blur 2 px + noise 12/255: shape 90.1%,
+  colour 99.0%, pattern 96.6%, size 100%, IoU 0.852.
 """
 from __future__ import annotations
 
 import functools
 import math
-from itertools import permutations
 from dataclasses import dataclass, field
+from itertools import permutations
 
 import numpy as np
 from PIL import Image
@@ -59,7 +76,7 @@ GREY_WEIGHT = 0.25  # weight of a residual's grey part in the distance to the ba
 MIN_THRESHOLD = 26.0  # object pixels are at least this far from the background model ...
 RING_FACTOR = 1.6  # ... and this many times the 95th percentile of the distances in the border ring
 COLOUR_QUANTILE = 0.75  # the object colour is read from its pixels farther than this quantile from the background
-PLAIN_MAX = 0.09  # mean pattern coverage below which an object is plain
+PLAIN_MAX = 0.09  # pattern fraction below which an object is plain
 STRIPE_W = np.array([-3.6, 2.4, 5.6, -2.5])  # stripes-versus-dots weights of _pattern
 SIZE_SPLIT = 0.5 * (scenes.RADIUS["small"][1] + scenes.RADIUS["big"][0])  # r between the size ranges
 
@@ -73,14 +90,15 @@ class ThingReading:
     colour: str
     colour_margin: float  # mean RGB distance of the runner-up colour minus the chosen one's
     pattern: str
-    pattern_fraction: float  # mean pattern coverage q in the interior (0 plain, 0.5 striped, 0.15..0.37 dotted)
-    pattern_anisotropy: float  # q's spectral power turned by 90 degrees over its peak (stripes 0, dots ~1)
-    pattern_coherence: float  # structure-tensor coherence of q (near 1 for stripes)
+    pattern_fraction: float  # share of the object under the pattern (0 plain, 0.5 striped, 0.15..0.37 dotted)
+    pattern_anisotropy: float  # pattern's spectral power turned by 90 degrees over its peak (stripes 0, dots ~1)
+    pattern_coherence: float  # structure-tensor coherence of the pattern (near 1 for stripes)
     pattern_margin: float  # distance of the deciding quantity from its threshold (see _pattern)
     size: str
     radius: float  # fitted template radius, in image sides (comparable with scenes.Thing.r)
     size_margin: float  # |log(radius / SIZE_SPLIT)|
     angle: float  # fitted template angle, degrees
+    blur: float  # Gaussian blur (pixels, one of SIGMAS) of the best template
     centroid: tuple[float, float]  # (x, y) in pixels, pixel (i, j) covering [j, j+1) x [i, i+1)
     area: int  # mask pixels
     mask: np.ndarray = field(repr=False, compare=False)  # (64, 64) bool
@@ -380,9 +398,9 @@ def _unmix(px: np.ndarray, bg: np.ndarray, colour: np.ndarray) -> tuple[np.ndarr
 
 
 def _colour(px: np.ndarray, bgp: np.ndarray) -> tuple[int, float]:
-    """Palette index whose segment [shade * c, c] passes closest on average to the pixels (N, 3) that are
-    farther than the median from their background (N, 3), and the margin over the runner-up: the far half
-    leaves out edge pixels mixed with the background."""
+    """Palette index whose segment [PATTERN_SHADE c, c] passes closest on average to those pixels (N, 3) that
+    lie farthest from their background (N, 3) (beyond the COLOUR_QUANTILE of the distances: this leaves out
+    pixels mixed with the background by antialiasing or blur), and the margin over the runner-up."""
     far = np.linalg.norm(px - bgp, axis=1)
     px = px[far >= np.quantile(far, COLOUR_QUANTILE)]
     d = _segment_distance(px, _PALETTE * scenes.PATTERN_SHADE, _PALETTE).mean(1)
@@ -400,23 +418,30 @@ def _interior(mask: np.ndarray, min_pixels: int = 8) -> np.ndarray:
     return mask
 
 
+_FREQ = np.rint(np.fft.fftfreq(SIZE) * SIZE).astype(int)  # integer frequencies, cycles per image
+_FREQ_RADIUS = np.hypot(_FREQ[:, None], _FREQ[None, :])
+_ANNULUS = (_FREQ_RADIUS >= SIZE / 9) & (_FREQ_RADIUS <= SIZE / 3.5)  # periods 3.5..9 pixels
+
+
 def _pattern_features(img: np.ndarray, colour: np.ndarray, mask: np.ndarray, radius: float, u: np.ndarray,
                       w: np.ndarray) -> tuple[float, float, float, float]:
-    """(fraction, anisotropy, coherence, t) of the pattern of an object of a known colour and radius.
+    """(fraction, anisotropy, coherence, t) of the pattern of an object of a known colour and radius, given
+    _unmix's linear coverages u (object) and w (pattern) around it.
 
-    In the interior a pixel is colour * (1 - q (1 - PATTERN_SHADE)), q the pattern coverage; q is solved for
-    linearly (no clipping, so that noise averages out). Its mean is the fraction: 0 plain, 0.5 striped,
-    pi 1.55^2 / period^2 dotted (0.15..0.37: `scenes`' period grows with r); t places the fraction from
-    dotted (0) to striped (1) for the radius. The anisotropy is q's power spectrum at its strongest frequency
-    (periods 3.5..9 pixels) turned by 90 degrees over the power there: near 0 for stripes, near 1 for the
-    square lattice of dots. The coherence is that of q's structure tensor (3x3-smoothed q): near 1 for
-    stripes, which vary along one direction only."""
+    The fraction is sum(w) / sum(u) around the mask, weighted by the smoothed coverage squared (towards the
+    interior): 0 plain, 0.5 striped, pi 1.55^2 / period^2 dotted (0.15..0.37: `scenes`' period grows with
+    r); t places it from dotted (0) to striped (1) for the radius. Linear coverages let noise and blur average
+    out. In the mask's interior a pixel is colour (1 - q (1 - PATTERN_SHADE)), q the pattern coverage,
+    solved for linearly. The anisotropy is q's power spectrum at its strongest frequency (periods 3.5..9
+    pixels) turned by 90 degrees over the power there: near 0 for stripes, near 1 for the square lattice of
+    dots. The coherence is that of the structure tensor of the 3x3-smoothed q: near 1 for stripes, which vary
+    along one direction only."""
     inner = _interior(mask)
     dark = (1.0 - scenes.PATTERN_SHADE) * colour
     q = ((colour - img) @ dark) / float(dark @ dark)
-    near = _dilate(mask, 2)
-    weight = np.clip(_box3(u)[near], 0.0, 1.0) ** 2  # smoothed: weights that share u's noise would bias
-    frac = float((w[near] * weight).sum() / max((u[near] * weight).sum(), 1e-6))
+    around = _dilate(mask, 2)  # blur spreads the object's coverage beyond its mask
+    weight = np.clip(_box3(u)[around], 0.0, 1.0) ** 2  # smoothed: weights that share u's noise would bias
+    frac = float((w[around] * weight).sum() / max((u[around] * weight).sum(), 1e-6))
     z = np.where(inner, q - q[inner].mean(), 0.0)
     power = np.abs(np.fft.fft2(z)) ** 2
     k = np.unravel_index(np.argmax(np.where(_ANNULUS, power, 0.0)), power.shape)
@@ -444,11 +469,6 @@ def _pattern(frac: float, aniso: float, coherence: float, t: float) -> tuple[str
     return ("striped" if score > 0 else "dotted"), min(frac - PLAIN_MAX, abs(score))
 
 
-_FREQ = np.rint(np.fft.fftfreq(SIZE) * SIZE).astype(int)  # integer frequencies, cycles per image
-_ANNULUS = (np.hypot(_FREQ[:, None], _FREQ[None, :]) >= SIZE / 9) & (np.hypot(_FREQ[:, None], _FREQ[None, :])
-                                                                     <= SIZE / 3.5)
-
-
 def _split(comp: np.ndarray, max_erosion: int = 4, min_part: int = 8) -> list[np.ndarray]:
     """Two objects that touch (their bounding circles may, and blur widens them): erode the component until
     it falls apart into two parts of at least min_part pixels, then grow those back over the component, a
@@ -468,7 +488,9 @@ def _split(comp: np.ndarray, max_erosion: int = 4, min_part: int = 8) -> list[np
 
 
 def judge(image, n_things: int = 1) -> Reading:
-    """Read the background colour and up to n_things objects (largest first) from a 64x64 scene image."""
+    """Read the background colour and up to n_things objects from a 64x64 scene image (RGB PIL image or
+    (64, 64, 3) uint8 array; anything else is a ValueError). The objects come largest first; fewer than
+    n_things if the image does not show that many separate ones (none on a blank image)."""
     if not isinstance(n_things, (int, np.integer)) or n_things < 1:
         raise ValueError(f"n_things must be a positive integer, got {n_things!r}")
     img = _as_array(image)
@@ -484,12 +506,13 @@ def judge(image, n_things: int = 1) -> Reading:
     comps = sorted(comps, key=lambda c: -c.sum())[:n_things]
     if not comps:
         return Reading(background, bg_margin, ())
-    claimed = np.zeros((SIZE, SIZE), bool)
-    near = [_dilate(c, 2) for c in comps]
+    claimed = np.zeros((SIZE, SIZE), bool)  # mask pixels of the objects read so far
     things = []
     for k, comp in enumerate(comps):
-        region = near[k] & ~np.logical_or.reduce([comps[j] for j in range(len(comps)) if j != k]
-                                                 + [np.zeros_like(comp)])
+        region = _dilate(comp, 2)  # where this object's mask may lie: near its component, off the others'
+        for j, other in enumerate(comps):
+            if j != k:
+                region &= ~other
         interior = _erode(comp, 1)
         if interior.sum() < 5:
             interior = comp
@@ -511,7 +534,7 @@ def judge(image, n_things: int = 1) -> Reading:
             colour=_PALETTE_NAMES[ci], colour_margin=c_margin,
             pattern=pattern, pattern_fraction=frac, pattern_anisotropy=aniso,
             pattern_coherence=coherence, pattern_margin=p_margin,
-            size=size, radius=radius, size_margin=abs(math.log(radius / SIZE_SPLIT)), angle=angle,
+            size=size, radius=radius, size_margin=abs(math.log(radius / SIZE_SPLIT)), angle=angle, blur=blur,
             centroid=(cx, cy), area=int(mask.sum()), mask=mask))
     things.sort(key=lambda t: -t.area)
     return Reading(background, bg_margin, tuple(things))
