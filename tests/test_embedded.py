@@ -49,7 +49,7 @@ def test_model_toml_is_the_preset():
 def test_native_folder_errors(tmp_path):
     sd = load_file(EMBEDDED_DIR / "model.safetensors")
     (tmp_path / "model.toml").write_text((EMBEDDED_DIR / "model.toml").read_text())
-    save_file({**sd, "extra.weight": sd["unet.conv_in.weight"]}, tmp_path / "model.safetensors")
+    save_file({**sd, "extra.weight": sd["unet.conv_in.weight"].clone()}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="keys outside unet./vae./text.: extra.weight"):
         read_model(tmp_path)
     save_file({k: v for k, v in sd.items() if not k.startswith("vae.")}, tmp_path / "model.safetensors")
@@ -90,3 +90,10 @@ def test_readme_main_command(tmp_path):
                 "--out-dir", str(tmp_path), "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "grid.png"]
     assert json.loads(Image.open(tmp_path / "1.png").text["p2p"])["model"] == "embedded"
+
+
+def test_shipped_weights_that_do_not_match_are_reported():
+    entry = dl.load_manifest()["embedded"]
+    bad = {**entry, "files": [{**entry["files"][0], "sha256": "0" * 64}]}
+    with pytest.raises(dl.DownloadError, match="sha256 mismatch.*git checkout -- p2p/embedded/model.safetensors"):
+        dl.download("embedded", "unused", manifest={"embedded": bad})
