@@ -101,6 +101,8 @@ class ThingReading:
     blur: float  # Gaussian blur (pixels, one of SIGMAS) of the best template
     centroid: tuple[float, float]  # (x, y) in pixels, pixel (i, j) covering [j, j+1) x [i, i+1)
     area: int  # mask pixels
+    contrast: float  # median distance of the mask's pixels from the background model (see _distance; the
+    #                  rough objects are those beyond MIN_THRESHOLD): low for a faint blob a model half drew
     mask: np.ndarray = field(repr=False, compare=False)  # (64, 64) bool
 
 
@@ -535,6 +537,6 @@ def judge(image, n_things: int = 1) -> Reading:
             pattern=pattern, pattern_fraction=frac, pattern_anisotropy=aniso,
             pattern_coherence=coherence, pattern_margin=p_margin,
             size=size, radius=radius, size_margin=abs(math.log(radius / SIZE_SPLIT)), angle=angle, blur=blur,
-            centroid=(cx, cy), area=int(mask.sum()), mask=mask))
+            centroid=(cx, cy), area=int(mask.sum()), contrast=float(np.median(dist[mask])), mask=mask))
     things.sort(key=lambda t: -t.area)
     return Reading(background, bg_margin, tuple(things))

@@ -148,7 +148,8 @@ def test_reading_fields(mixed):
         for t in r.things:
             assert t.mask.shape == (64, 64) and t.mask.dtype == bool and t.mask.sum() == t.area
             assert min(t.shape_margin, t.colour_margin, t.pattern_margin, t.size_margin) >= 0
-            assert 0 < t.shape_iou <= 1 and -12 <= t.angle <= 12
+            assert 0 < t.shape_iou <= 1 and -12 <= t.angle <= 12 and t.blur in judge.SIGMAS
+            assert t.contrast > judge.MIN_THRESHOLD  # a rendered object stands out from its background
             assert t.shape in scenes.SHAPES and t.colour in scenes.COLOURS and t.pattern in scenes.PATTERNS
             ys, xs = np.nonzero(t.mask)
             assert t.centroid == pytest.approx((xs.mean() + 0.5, ys.mean() + 0.5))
