@@ -41,6 +41,11 @@ EXPECTED_FORMS = ("expected one of: (a) a diffusers-style tokenizer folder with 
                   "(c) OpenAI's bpe_simple_vocab_16e6.txt.gz")
 
 
+def folder_contents(path: Path) -> str:
+    """What a folder holds, for error messages: 'a folder holding a, b, ...' or 'an empty folder'."""
+    names = sorted(p.name for p in path.iterdir())
+    return f"a folder holding {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else "an empty folder"
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder takes; the end was dropped."""
 
@@ -278,9 +283,7 @@ class CLIPTokenizer(PromptTokenizer):
                 return cls.from_path(path / "tokenizer.json")
             if (path / "tokenizer").is_dir():  # a whole diffusers pipeline folder
                 return cls.from_path(path / "tokenizer")
-            names = sorted(p.name for p in path.iterdir())
-            found = f"a folder holding {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names \
-                else "an empty folder"
+            found = folder_contents(path)
             raise ValueError(f"cannot load a CLIP tokenizer from {path}: found {found}; {EXPECTED_FORMS}")
         if path.is_file() and path.suffix == ".json":
             return cls(*_load_tokenizer_json(path), source=path)

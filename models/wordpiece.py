@@ -27,7 +27,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
-from .tokenizer import MAX_LENGTH, PromptTokenizer, _read_json, _read_text
+from .tokenizer import MAX_LENGTH, PromptTokenizer, _read_json, _read_text, folder_contents
 
 CLS, SEP, PAD, UNK, MASK = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
 PREFIX = "##"
@@ -99,9 +99,7 @@ class BertTokenizer(PromptTokenizer):
                 return cls.from_path(path / "tokenizer.json")
             if (path / "tokenizer").is_dir():  # a whole diffusers pipeline folder
                 return cls.from_path(path / "tokenizer")
-            names = sorted(p.name for p in path.iterdir())
-            found = f"a folder holding {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names \
-                else "an empty folder"
+            found = folder_contents(path)
             raise ValueError(f"cannot load a BERT tokenizer from {path}: found {found}; {EXPECTED_FORMS}")
         if path.is_file() and path.suffix == ".txt":
             return cls(_load_vocab_txt(path), source=path)
