@@ -46,6 +46,7 @@ def folder_contents(path: Path) -> str:
     names = sorted(p.name for p in path.iterdir())
     return f"a folder holding {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else "an empty folder"
 
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder takes; the end was dropped."""
 
