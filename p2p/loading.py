@@ -60,12 +60,11 @@ def read_native(path: Path):
     sd = read_tensors(path / NATIVE_WEIGHTS)
     sds = {part: split_prefix(sd, part + ".") for part in ("unet", "vae", "text")}
     stray = sorted(k for k in sd if not k.startswith(("unet.", "vae.", "text.")))
-    if stray or not all(sds.values()):
-        empty = [part for part, v in sds.items() if not v]
-        raise CheckpointError(f"{path / NATIVE_WEIGHTS} is not a native p2p weights file: "
-                              + (f"no {', '.join(p + '.*' for p in empty)} tensors" if empty else "")
-                              + ("; " if empty and stray else "")
-                              + (f"keys outside unet./vae./text.: {', '.join(stray[:5])}" if stray else ""))
+    empty = [part + ".*" for part, v in sds.items() if not v]
+    problems = ([f"no {', '.join(empty)} tensors"] if empty else []) + \
+               ([f"keys outside unet./vae./text.: {', '.join(stray[:5])}"] if stray else [])
+    if problems:
+        raise CheckpointError(f"{path / NATIVE_WEIGHTS} is not a native p2p weights file: {'; '.join(problems)}")
     tok = path / "tokenizer"
     return cfg, sds, tok if tok.is_dir() else None
 
