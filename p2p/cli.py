@@ -166,18 +166,7 @@ def edit_settings(args):
 def cmd_edit(args) -> int:
     from .edit import run_edit, save_edit
 
-    inverted = None
-    if args.inverted:  # a saved inversion: its caption is the source prompt unless --prompt repeats it
-        from .inversion import Inversion
-
-        if args.image:
-            raise ValueError("give --image PHOTO (inverted now) or --inverted FILE (a saved inversion), not both")
-        inverted = Inversion.load(args.inverted)
-        args.prompt = args.prompt or inverted.prompt
-    elif args.image:
-        from .images import open_image
-
-        open_image(args.image)  # an unreadable photo fails before the model loads
+    inverted = read_inverted(args)
     settings = edit_settings(args)
     pipe = load_pipeline(args)
     t0 = time.perf_counter()
@@ -204,6 +193,24 @@ def add_image_args(p: argparse.ArgumentParser, edit: bool) -> None:
     if edit:
         g.add_argument("--inverted", help="edit a saved inversion (`p2p invert --out FILE`) instead of --image; its "
                        "caption is the source prompt")
+
+
+def read_inverted(args):
+    """The saved inversion of --inverted (its caption becomes --prompt unless given), or None; a photo given
+    with --image is opened now, so that an unreadable one fails before the model loads."""
+    if args.inverted:
+        from .inversion import Inversion
+
+        if args.image:
+            raise ValueError("give --image PHOTO (inverted now) or --inverted FILE (a saved inversion), not both")
+        inverted = Inversion.load(args.inverted)
+        args.prompt = args.prompt or inverted.prompt
+        return inverted
+    if args.image:
+        from .images import open_image
+
+        open_image(args.image)
+    return None
 
 
 def inversion_of(args, pipe, settings, inverted):
@@ -260,32 +267,43 @@ def cmd_sweep(args) -> int:
     from .edit import sweep
     from .pipeline import save_png
 
+    inverted = read_inverted(args)
     settings = edit_settings(args)
     values = sweep_values(args.param, args.values)
     pipe = load_pipeline(args)
-    sheet, _ = sweep(pipe, settings, args.param, values, progress=not args.quiet)
+    inversion, extra = inversion_of(args, pipe, settings, inverted)
+    sheet, _ = sweep(pipe, settings, args.param, values, progress=not args.quiet, inversion=inversion)
     out = save_png(sheet, args.out, {"command": "sweep", "param": args.param, "values": [str(v) for v in values],
-                                     "model": str(args.model), **settings.to_dict()})
+                                     "model": str(args.model), **extra, **settings.to_dict()})
     print(f"wrote {out}")
     return 0
 
 
 def cmd_attention(args) -> int:
+    from dataclasses import replace
+
     from .attention_maps import component_sheet, self_attention_components, token_maps, token_sheet
     from .controllers import AttentionStore, SiteSelection
     from .edit import grid, run_edit
     from .pipeline import save_png
 
+    inverted = read_inverted(args)
     pipe = load_pipeline(args)
-    steps = args.steps or pipe.cfg.steps
+    steps = args.steps or (inverted.steps if inverted else pipe.cfg.steps)
     window = tuple(int(float(x) * steps) for x in args.window.split(",")) if args.window else None
     kinds = ("cross", "self") if args.self_components else ("cross",)
     store = AttentionStore(SiteSelection(res=(args.res,)), kinds, max_queries=math.inf, steps=window)  # only what is shown
     places = tuple(args.places.split(","))
-    if args.target:
+    extra = {}
+    if args.target or args.image or inverted:
         settings = edit_settings(args)
-        result = run_edit(pipe, settings, store=store, progress=not args.quiet)
+        if not settings.targets:  # a photo's own maps: its reconstruction is row 0 of the identity edit
+            settings = replace(settings, targets=(settings.prompt,), mode="replace")
+        inversion, extra = inversion_of(args, pipe, settings, inverted)
+        result = run_edit(pipe, settings, store=store, progress=not args.quiet, inversion=inversion)
         prompts, images = settings.prompts, result.images
+        if not args.target:
+            prompts, images = prompts[:1], images[:1]
     else:
         s = generation_settings(args, pipe)
         prompts = [args.prompt]
@@ -296,7 +314,7 @@ def cmd_attention(args) -> int:
               for i, (p, img) in enumerate(zip(prompts, images))]
     sheet = sheets[0] if len(sheets) == 1 else grid(sheets, prompts, rows=len(sheets))
     meta = {"command": "attention", "prompts": prompts, "res": args.res, "places": list(places),
-            "model": str(args.model), "seed": args.seed or 0}
+            "model": str(args.model), "seed": args.seed or 0, **extra}
     out = save_png(sheet, args.out, meta)
     if args.self_components:
         comps = self_attention_components(store, args.res, places, 0, args.self_components)
@@ -377,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", required=True, help="comma-separated values, e.g. 0,0.2,0.4; for windows or "
                    "resolution sets separate with ';', e.g. '64,32;16,8;16'")
     p.add_argument("--out", required=True, help="output PNG")
+    add_image_args(p, edit=True)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("attention", help="per-token cross-attention maps of a generation (or of an edit)")
@@ -388,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", help="fractions 'a,b' of the steps to average over (default all)")
     p.add_argument("--self-components", type=int, default=0, help="also write N self-attention components")
     p.add_argument("--out", required=True, help="output PNG")
+    add_image_args(p, edit=True)
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("eval", help="score P2P against plain generation on scene-model prompts (p2p/evaluate.py)")

@@ -358,6 +358,28 @@ def test_cli_edit_of_a_photo(model, photo, scene, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "grid.png"]
 
 
+def test_cli_sweep_and_attention_of_a_saved_inversion(model, photo, scene, tmp_path):
+    """`p2p sweep` and `p2p attention` start from a saved inversion like `p2p edit`: its caption is the prompt,
+    its reconstruction the source; the attention maps of a photo alone are those of its reconstruction."""
+    inv = tmp_path / "inv.safetensors"
+    assert cli(["invert", "--model", model, "--image", str(photo), "--prompt", scene[1], "--inversion", "direct",
+                "--out", str(inv), *FAST]) == 0
+    target = scene[1].replace("square", "circle")
+    assert cli(["sweep", "--model", model, "--inverted", str(inv), "--target", target, "--param", "cross_replace",
+                "--values", "0.2,0.8", "--out", str(tmp_path / "sweep.png"), "--device", "cpu", "--quiet"]) == 0
+    s = json.loads(Image.open(tmp_path / "sweep.png").text["p2p"])
+    assert s["prompt"] == scene[1] and s["inversion"] == "direct" and s["inverted"] == str(inv)
+    for args, prompts in (([], [scene[1]]), (["--target", target], [scene[1], target])):
+        out = tmp_path / f"att{len(prompts)}.png"
+        assert cli(["attention", "--model", model, "--inverted", str(inv), *args, "--res", "8", "--out", str(out),
+                    "--device", "cpu", "--quiet"]) == 0
+        meta = json.loads(Image.open(out).text["p2p"])
+        assert meta["prompts"] == prompts and meta["inversion"] == "direct"
+    assert cli(["sweep", "--model", model, "--inverted", str(inv), "--image", str(photo), "--target", target,
+                "--param", "cross_replace", "--values", "0.2", "--out", str(tmp_path / "x.png"), *FAST]) == 2
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["invert", "--prompt", "a red square", "--image", "{small}", "--out", "{tmp}/x.safetensors"],
      "smaller than the model's 64x64"),
