@@ -23,16 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.clip import CLIPTextModel  # noqa: E402
 from models.presets import PRESETS  # noqa: E402
-from models.tokenizer import CLIPTokenizer  # noqa: E402
-from models.unet import UNet  # noqa: E402
-from models.vae import AutoencoderKL  # noqa: E402
 from p2p.edit import EditSettings, build_controller  # noqa: E402
-from p2p.pipeline import Pipeline  # noqa: E402
 from tests import reference_p2p as R  # noqa: E402
 from tests.conftest import openai_bpe_path, write_clip_vocab_dir  # noqa: E402
-from tests.tiny import reference_pipeline  # noqa: E402
+from tests.tiny import ours_from_reference, reference_pipeline  # noqa: E402
 
 SOURCE, TARGET = "a painting of a squirrel eating a burger", "a painting of a lion eating a burger"
 VARIANTS = ("plain", "edit", "edit+blend", "diffusers-plain", "diffusers-p2p")
@@ -44,14 +39,9 @@ def build(args):
     cfg = PRESETS[args.preset]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     ref = reference_pipeline(tok_dir, cfg=cfg)
-    modules = []
-    for cls, c, src in ((UNet, cfg.unet, ref.unet), (AutoencoderKL, cfg.vae, ref.vae),
-                        (CLIPTextModel, cfg.text, ref.text_encoder)):
-        with torch.device("meta"):
-            m = cls(c)
-        m.load_state_dict({k.removeprefix("text_model."): v for k, v in src.state_dict().items()}, assign=True)
-        modules.append(m.to(device, dtype))
-    ours = Pipeline(cfg, *modules, CLIPTokenizer.from_path(tok_dir))
+    ours = ours_from_reference(ref, cfg, tok_dir)
+    for m in (ours.unet, ours.vae, ours.text_encoder):
+        m.to(device, dtype)
     return ours, ref.to(device, dtype)
 
 

@@ -16,16 +16,22 @@ from models.presets import load_toml, preset
 from p2p import download as dl
 from p2p.cli import main as cli
 from p2p.edit import EditSettings, run_edit
-from p2p.judge import iou, judge
+from p2p.evaluate import read
+from p2p.judge import iou
 from p2p.loading import EMBEDDED_DIR, read_model
 from p2p.pipeline import Pipeline
 
-MARGIN = 0.05  # mean IoU gain of P2P over the baseline required on CASES
-CASES = [  # (source, target, attribute, new value, seed): fixed prompts and seeds of the scene grammar
-    ("a big red square on a green background", "a big blue square on a green background", "colour", "blue", 5),
-    ("a big yellow circle on a purple background", "a big white circle on a purple background", "colour", "white", 1),
-    ("a big orange triangle on a blue background", "a big orange square on a blue background", "shape", "square", 2),
-    ("a big purple diamond on a yellow background", "a big purple circle on a yellow background", "shape", "circle", 3),
+SEEDS = range(4)
+IOU_MIN = 0.5  # object mask IoU of a kept edit; measured 0.54-0.89 on the shipped model (baseline: 0.00-0.87)
+MIN_OK = 15  # of the 16 swaps (4 cases x 4 seeds); all 16 pass on the shipped model, one is spare for CPU numerics
+MARGIN = 0.15  # mean IoU gain of P2P over the baseline; measured 0.72 against 0.46
+CASES = [  # (source, target, attribute, new value, cross_replace): big objects of the scene grammar
+    ("a big red square on a green background", "a big blue square on a green background", "colour", "blue", 0.8),
+    ("a big yellow circle on a purple background", "a big white circle on a purple background", "colour", "white", 0.8),
+    ("a big purple diamond on a yellow background", "a big purple circle on a yellow background", "shape", "circle", 0.8),
+    # a swap that changes the outline wants a shorter injection (the paper's tau, Sec. 3.2): at 0.8 the
+    # source's triangle is kept
+    ("a big orange triangle on a blue background", "a big orange square on a blue background", "shape", "square", 0.4),
 ]
 
 
@@ -64,29 +70,39 @@ def test_native_folder_errors(tmp_path):
         read_model(tmp_path)
 
 
-def object_mask(image):
-    things = judge(image).things
-    return things[0].mask if things else np.zeros((64, 64), bool)
+@pytest.fixture(scope="module")
+def swaps(pipe):
+    """For each case and seed: the judge's reading of the source, of the P2P edit and of the baseline (the
+    target prompt generated from the same seed, no control)."""
+    rows = []
+    for source, target, attribute, value, cross in CASES:
+        for seed in SEEDS:
+            src, edit = run_edit(pipe, EditSettings(source, (target,), seed=seed, cross_replace=cross),
+                                 progress=False).images
+            (plain,) = pipe.generate(target, seed=seed, progress=False)
+            rows.append((attribute, value, seed, read(src), read(edit), read(plain)))
+    return rows
 
 
-def test_word_swap_keeps_the_object_better_than_the_baseline(pipe):
-    """Prompt-to-Prompt's claim in miniature: with the source's attention maps injected, the edited image's
-    object keeps the source's mask (IoU) better than plain generation of the target from the same seed.
-    Averaged over fixed cases, because the embedded model is small and under-trained (README: P2P 0.60-0.67
-    against the baseline's 0.46-0.57 over 16 scenes)."""
-    p2p, base = [], []
-    for source, target, _, _, seed in CASES:
-        src, edit = run_edit(pipe, EditSettings(source, (target,), seed=seed), progress=False).images
-        (plain,) = pipe.generate(target, seed=seed, progress=False)
-        m = object_mask(src)
-        p2p.append(iou(m, object_mask(edit)))
-        base.append(iou(m, object_mask(plain)))
-    assert np.mean(p2p) > np.mean(base) + MARGIN, (p2p, base)
+def test_word_swap_changes_the_attribute_and_keeps_the_object(swaps):
+    """The issue's check: a word swap, with the source's attention maps injected, changes the attribute as
+    the judge reads it while the object keeps the source's mask (IoU >= IOU_MIN), on several seeds."""
+    results = [(a, v, seed, e[a], round(iou(s["mask"], e["mask"]), 2)) for a, v, seed, s, e, _ in swaps]
+    ok = [r for r in results if r[3] == r[1] and r[4] >= IOU_MIN]
+    assert len(ok) >= MIN_OK, [r for r in results if r not in ok]
+
+
+def test_word_swap_keeps_the_object_better_than_the_baseline(swaps):
+    """Prompt-to-Prompt's claim in miniature: plain generation of the target from the same seed keeps
+    less of the source's object (README, `p2p eval`)."""
+    p2p = [iou(s["mask"], e["mask"]) for *_, s, e, _ in swaps]
+    base = [iou(s["mask"], b["mask"]) for *_, s, _, b in swaps]
+    assert np.mean(p2p) > np.mean(base) + MARGIN, (np.round(p2p, 2), np.round(base, 2))
 
 
 def test_readme_main_command(tmp_path):
     """No --model: the embedded model; writes the source, the edit and the grid."""
-    assert cli(["edit", "--prompt", CASES[0][0], "--target", CASES[0][1], "--seed", str(CASES[0][4]),
+    assert cli(["edit", "--prompt", CASES[0][0], "--target", CASES[0][1], "--seed", "0",
                 "--out-dir", str(tmp_path), "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "grid.png"]
     assert json.loads(Image.open(tmp_path / "1.png").text["p2p"])["model"] == "embedded"

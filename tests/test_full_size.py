@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.clip import CLIPTextModel
 from models.presets import PRESETS
-from models.unet import UNet
-from models.vae import AutoencoderKL
-from p2p.pipeline import Pipeline
-from models.tokenizer import CLIPTokenizer
-from tests.tiny import reference_pipeline
+from tests.tiny import ours_from_reference, reference_pipeline
 
 pytestmark = pytest.mark.slow
 SD = PRESETS["sd-v1"]
@@ -21,15 +16,7 @@ SD = PRESETS["sd-v1"]
 @pytest.fixture(scope="module")
 def pair(clip_vocab_dir):
     ref = reference_pipeline(clip_vocab_dir, cfg=SD)
-    modules = []
-    for cls, cfg, src in ((UNet, SD.unet, ref.unet), (AutoencoderKL, SD.vae, ref.vae),
-                          (CLIPTextModel, SD.text, ref.text_encoder)):
-        with torch.device("meta"):
-            m = cls(cfg)
-        sd = {k.removeprefix("text_model."): v for k, v in src.state_dict().items()}
-        m.load_state_dict(sd, strict=True, assign=True)
-        modules.append(m)
-    return ref, Pipeline(SD, *modules, CLIPTokenizer.from_path(clip_vocab_dir))
+    return ref, ours_from_reference(ref, SD, clip_vocab_dir)
 
 
 def test_unet(pair):

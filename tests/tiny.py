@@ -2,7 +2,8 @@
 
 `reference_pipeline` builds a diffusers `StableDiffusionPipeline` whose every network has the shape of
 one of our presets, with an SD-configured `DDIMScheduler`. Saved with `save_pretrained`, it is a
-diffusers folder exactly like the public ones, only small.
+diffusers folder exactly like the public ones, only small. `ours_from_reference` builds our Pipeline
+holding the same weights.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from models import clip as ours_clip, tokenizer as ours_tokenizer, unet as ours_unet, vae as ours_vae
 from models.presets import PRESETS, ModelConfig
+from p2p.pipeline import Pipeline
 
 SD_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                set_alpha_to_one=False, steps_offset=1)
@@ -52,3 +55,16 @@ def reference_pipeline(tokenizer_dir, cfg: ModelConfig = PRESETS["tiny"], seed: 
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def ours_from_reference(ref: StableDiffusionPipeline, cfg: ModelConfig, tokenizer_dir):
+    """Our Pipeline holding the same weights as a diffusers reference pipeline (text keys lose 'text_model.')."""
+    modules = []
+    for cls, c, src in ((ours_unet.UNet, cfg.unet, ref.unet), (ours_vae.AutoencoderKL, cfg.vae, ref.vae),
+                        (ours_clip.CLIPTextModel, cfg.text, ref.text_encoder)):
+        with torch.device("meta"):
+            m = cls(c)
+        m.load_state_dict({k.removeprefix("text_model."): v for k, v in src.state_dict().items()},
+                          strict=True, assign=True)
+        modules.append(m)
+    return Pipeline(cfg, *modules, ours_tokenizer.CLIPTokenizer.from_path(tokenizer_dir))
