@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from models.clip import CLIPTextConfig, CLIPTextModel
+from models.clip import CLIPTextModel
 from models.ddim import DDIM
 from models.presets import ModelConfig, preset, to_toml
 from models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unicode
-from models.unet import UNet, UNetConfig
-from models.vae import AutoencoderKL, VAEConfig
+from models.unet import UNet
+from models.vae import AutoencoderKL
 
 from . import scenes
 
@@ -263,7 +263,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, commit = time.time(), git_commit()  # the code that trains, not whatever is checked out at the end
     tok = build_tokenizer(run / "tokenizer")
     cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size))
     images, captions = dataset(args.images, args.seed, run / "data.pt")
@@ -278,7 +278,7 @@ def main(argv=None):
     ids = tok.encode(captions)
     unet, text = train_diffusion(cfg, latents, ids, tok.encode([""])[0], run, args.steps, args.batch, args.lr, args.seed)
     meta = {"command": "python -m p2p.train " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-            "commit": git_commit(), "seconds": round(time.time() - t0), "args": vars(args),
+            "commit": commit, "seconds": round(time.time() - t0), "args": vars(args),
             "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                         f"torch {torch.__version__}", "config": asdict(cfg)}
     (run / "train.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
