@@ -21,7 +21,6 @@ values and the sampling seed derived from it.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from tqdm.auto import tqdm
 
 from . import scenes
 from .edit import EditSettings, grid, run_edit
-from .judge import iou, judge
+from .images import psnr
+from .judge import centroid_shift, iou, judge
 
 SWAPS = ("shape", "colour", "pattern", "background")
 OBJECT_SWAPS = ("shape", "colour", "pattern")
@@ -77,20 +77,18 @@ def read(image) -> dict:
     r = judge(image, n_things=1)
     if not r.things:
         return {"background": r.background, "shape": None, "colour": None, "pattern": None, "size": None,
-                "mask": np.zeros(np.asarray(image).shape[:2], bool), "centroid": (math.nan, math.nan)}
+                "mask": np.zeros(np.asarray(image).shape[:2], bool)}
     t = r.things[0]
     return {"background": r.background, "shape": t.shape, "colour": t.colour, "pattern": t.pattern,
-            "size": t.size, "mask": t.mask, "centroid": t.centroid}
+            "size": t.size, "mask": t.mask}
 
 
 def psnr_outside(a, b, mask: np.ndarray) -> float:
-    """PSNR (dB) between two images over the pixels where `mask` is False."""
+    """PSNR (dB) between two images over the pixels where `mask` is False (99 where they are equal there)."""
     keep = ~mask
     if not keep.any():
         return float("nan")
-    d = np.asarray(a, np.float64)[keep] - np.asarray(b, np.float64)[keep]
-    mse = float((d ** 2).mean())
-    return 99.0 if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return min(psnr(np.asarray(a)[keep], np.asarray(b)[keep]), 99.0)
 
 
 def dilate(mask: np.ndarray, r: int = 2) -> np.ndarray:
@@ -113,11 +111,11 @@ def pattern_contrast(image, mask: np.ndarray) -> float:
 def compare(src: dict, src_img, edit_img, attribute: str, value: str) -> dict:
     e = read(edit_img)
     row = {"success": float(e[attribute] == value)}
-    others = [a for a in ("shape", "colour", "pattern", "background") if a != attribute]
+    others = [a for a in SWAPS if a != attribute]
     row["kept"] = float(np.mean([e[a] == src[a] for a in others]))
     if src["mask"].any() and e["mask"].any():
         row["iou"] = iou(src["mask"], e["mask"])
-        row["shift"] = float(np.hypot(*(np.subtract(src["centroid"], e["centroid"]))))
+        row["shift"] = centroid_shift(src["mask"], e["mask"])
         if attribute != "background":
             row["psnr_out"] = psnr_outside(src_img, edit_img, dilate(src["mask"] | e["mask"]))
     return row

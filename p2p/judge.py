@@ -64,7 +64,7 @@ from . import scenes
 SIZE = 64  # the image side the judge reads
 MIN_AREA = 15  # pixels; smaller components are noise (the smallest object covers about 55)
 RING = 2  # border width, in pixels, that the background is fitted to
-ANGLES = np.arange(-12.0, 12.01, 2.0)  # template angles, degrees (the generator's jitter is +-12)
+ANGLES = np.arange(-scenes.ANGLE_JITTER, scenes.ANGLE_JITTER + 0.01, 2.0)  # template angles, degrees
 SCALES = np.array([0.92, 0.96, 1.0, 1.04, 1.08])  # template radii around the area-derived one
 SIGMAS = np.array([0.0, 0.8, 1.6])  # blurs, in pixels, that the templates are tried at
 BLUR_STEP = 0.02  # the blurred outlines are tabulated for blur / r = 0, BLUR_STEP, ... (r = 1)
@@ -456,8 +456,8 @@ def _pattern_features(img: np.ndarray, colour: np.ndarray, mask: np.ndarray, rad
     gy, gx = np.gradient(_box3(q))
     jxx, jyy, jxy = (gx * gx)[inner].sum(), (gy * gy)[inner].sum(), (gx * gy)[inner].sum()
     coherence = float(math.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / max(jxx + jyy, 1e-12))
-    period = float(np.clip(0.42 * radius * SIZE, 4.5, 7.0))
-    dotted = math.pi * 1.55 ** 2 / period ** 2
+    period = scenes.pattern_period(radius, SIZE)
+    dotted = math.pi * scenes.DOT_RADIUS ** 2 / period ** 2
     return frac, aniso, coherence, (frac - dotted) / (0.5 - dotted)
 
 

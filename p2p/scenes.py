@@ -47,6 +47,12 @@ RADIUS = {"small": (0.10, 0.14), "big": (0.19, 0.25)}  # r ranges, in image side
 EXTENT = 1.06  # every shape lies within EXTENT * r of its centre
 MARGIN = 0.03  # free border around the bounding circle, in image sides
 ANGLE_JITTER = 12.0  # degrees
+DOT_RADIUS = 1.55  # of a dot, in final pixels
+
+
+def pattern_period(r: float, size: int) -> float:
+    """Period of stripes and dots in final pixels: a little larger on larger objects (radius r, image size)."""
+    return float(np.clip(0.42 * r * size, 4.5, 7.0))
 PATTERN_SHADE = 0.5  # stripes and dots are the object colour times this
 
 
@@ -248,7 +254,7 @@ def _coverage(t: Thing, size: int, ss: int):
     if t.pattern == "plain":
         return y0, x0, alpha, np.zeros_like(alpha)
     # pattern in the object's frame, periods in final pixels, scaled a little with the object
-    period = float(np.clip(0.42 * t.r * size, 4.5, 7.0))
+    period = pattern_period(t.r, size)
     js = (np.arange(w * ss, dtype=np.float32) + 0.5 - ocx) / ss
     is_ = (np.arange(h * ss, dtype=np.float32) + 0.5 - ocy) / ss
     a = math.radians(t.angle)
@@ -260,7 +266,7 @@ def _coverage(t: Thing, size: int, ss: int):
     elif t.pattern == "dotted":
         du = np.mod(u / period + 0.5, 1.0) - 0.5
         dv = np.mod(v / period + 0.5, 1.0) - 0.5
-        pat = du * du + dv * dv < (1.55 / period) ** 2
+        pat = du * du + dv * dv < (DOT_RADIUS / period) ** 2
     else:
         raise ValueError(f"unknown pattern {t.pattern!r}")
     return y0, x0, alpha, _box(shape * pat, ss)

@@ -77,11 +77,6 @@ def build_tokenizer(out_dir: Path) -> CLIPTokenizer:
 
 # --- data ----------------------------------------------------------------------------------------------
 
-def to_tensor(images) -> torch.Tensor:
-    """PIL images -> (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.stack([np.asarray(i, np.float32) for i in images])).permute(0, 3, 1, 2) / 127.5 - 1
-
-
 def dataset(n: int, seed: int, cache: Path):
     """n (image tensor, caption) pairs from the scene generator, cached on disk as uint8."""
     if cache.is_file():
