@@ -196,50 +196,52 @@ def add_image_args(p: argparse.ArgumentParser, edit: bool) -> None:
 
 
 def read_inverted(args):
-    """The saved inversion of --inverted (its caption becomes --prompt unless given), or None; a photo given
-    with --image is opened now, so that an unreadable one fails before the model loads."""
+    """The saved inversion of --inverted (its caption becomes --prompt unless given), or None. Everything that
+    needs only the arguments is checked here, before the model loads: a photo given with --image is opened."""
     if args.inverted:
         from .inversion import Inversion
 
         if args.image:
             raise ValueError("give --image PHOTO (inverted now) or --inverted FILE (a saved inversion), not both")
         inverted = Inversion.load(args.inverted)
+        if args.inversion and args.inversion != inverted.method:
+            raise ValueError(f"{args.inverted} is a {inverted.method} inversion; drop --inversion {args.inversion}")
         args.prompt = args.prompt or inverted.prompt
         return inverted
     if args.image:
         from .images import open_image
 
         open_image(args.image)
+    elif args.inversion:
+        raise ValueError("--inversion needs a photo to invert: add --image PHOTO (or --inverted FILE)")
     return None
+
+
+def invert_photo(args, pipe, prompt, steps, guidance):
+    """`invert` with the photo and the inversion flags of the command line."""
+    from .inversion import invert
+
+    return invert(pipe, args.image, prompt, args.inversion or "null-text", steps=steps, guidance=guidance,
+                  inner_steps=args.inner_steps, early_stop=args.early_stop, progress=not args.quiet)
 
 
 def inversion_of(args, pipe, settings, inverted):
     """The inversion an edit starts from (None: a generated image) and what the PNGs record about it."""
     if inverted is not None:
-        if args.inversion and args.inversion != inverted.method:
-            raise ValueError(f"{args.inverted} is a {inverted.method} inversion; drop --inversion {args.inversion}")
         return inverted, {"inverted": str(args.inverted), "inversion": inverted.method}
     if not args.image:
-        if args.inversion:
-            raise ValueError("--inversion needs a photo to invert: add --image PHOTO (or --inverted FILE)")
         return None, {}
-    from .inversion import invert
-
-    inv = invert(pipe, args.image, settings.prompt, args.inversion or "null-text", steps=settings.steps,
-                 guidance=settings.guidance, inner_steps=args.inner_steps, early_stop=args.early_stop,
-                 progress=not args.quiet)
+    inv = invert_photo(args, pipe, settings.prompt, settings.steps, settings.guidance)
     return inv, {"image": str(args.image), "inversion": inv.method}
 
 
 def cmd_invert(args) -> int:
     from .images import open_image
-    from .inversion import invert, reconstruct
+    from .inversion import reconstruct
 
     open_image(args.image)  # an unreadable photo fails before the model loads
     pipe = load_pipeline(args)
-    inv = invert(pipe, args.image, args.prompt, args.inversion or "null-text", steps=args.steps,
-                 guidance=args.guidance, inner_steps=args.inner_steps, early_stop=args.early_stop,
-                 progress=not args.quiet)
+    inv = invert_photo(args, pipe, args.prompt, args.steps, args.guidance)
     inv.info.update(image=str(args.image), model=str(args.model))
     out = inv.save(args.out)
     msg = (f"wrote {out}: {inv.method} inversion, {inv.steps} steps, guidance {inv.guidance} "
@@ -280,11 +282,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_attention(args) -> int:
-    from dataclasses import replace
-
     from .attention_maps import component_sheet, self_attention_components, token_maps, token_sheet
     from .controllers import AttentionStore, SiteSelection
     from .edit import grid, run_edit
+    from .inversion import reconstruct
     from .pipeline import save_png
 
     inverted = read_inverted(args)
@@ -297,13 +298,14 @@ def cmd_attention(args) -> int:
     extra = {}
     if args.target or args.image or inverted:
         settings = edit_settings(args)
-        if not settings.targets:  # a photo's own maps: its reconstruction is row 0 of the identity edit
-            settings = replace(settings, targets=(settings.prompt,), mode="replace")
         inversion, extra = inversion_of(args, pipe, settings, inverted)
-        result = run_edit(pipe, settings, store=store, progress=not args.quiet, inversion=inversion)
-        prompts, images = settings.prompts, result.images
-        if not args.target:
-            prompts, images = prompts[:1], images[:1]
+        if args.target:
+            result = run_edit(pipe, settings, store=store, progress=not args.quiet, inversion=inversion)
+            prompts, images = settings.prompts, result.images
+        else:  # a photo's own maps: those of its reconstruction
+            inversion.settle(settings)  # refuses settings this inversion cannot honour
+            prompts = [inversion.prompt]
+            images = pipe.decode(reconstruct(pipe, inversion, controller=store, progress=not args.quiet))
     else:
         s = generation_settings(args, pipe)
         prompts = [args.prompt]

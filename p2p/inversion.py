@@ -223,8 +223,9 @@ def null_text_optimisation(pipe, trajectory, cond, uncond, steps, guidance, *, i
         phis.append(phi.detach()[0])
         losses.append(loss_item)
         iterations.append(j + 1 if inner_steps else 0)
-        with torch.no_grad():
-            z = ddim.step(guided_eps(pipe, z, t, cond, phis[-1][None].to(pipe.dtype), guidance), t, z, steps)
+        with torch.no_grad():  # eps_c of this step is already known: only the optimised branch runs again
+            eps_u = pipe.unet(z, t, phis[-1][None].to(pipe.dtype))
+            z = ddim.step(eps_u + guidance * (eps_c - eps_u), t, z, steps)
     bar.close()
     return torch.stack(phis).cpu(), {"losses": losses, "iterations": iterations}
 
@@ -281,9 +282,9 @@ def invert(pipe, image: str | Path | Image.Image, prompt: str, method: str = "nu
                      uncond, offsets, z_0, info)
 
 
-def reconstruct(pipe, inversion: Inversion, *, progress: bool = True) -> torch.Tensor:
-    """z_0 regenerated from the inversion with its own caption: the source row of every edit of it."""
-    inputs = inversion.sampling_inputs(pipe)
+def reconstruct(pipe, inversion: Inversion, *, controller=None, progress: bool = True) -> torch.Tensor:
+    """z_0 regenerated from the inversion with its own caption: the source row of every edit of it
+    (`controller`, e.g. an AttentionStore, sees its attention like a generation's)."""
     cond = pipe.encode_text([inversion.prompt])
-    return pipe.denoise(inputs["z_T"], cond, inputs["uncond"], steps=inversion.steps, guidance=inversion.guidance,
-                        source_offsets=inputs["source_offsets"], progress=progress)
+    return pipe.denoise(cond=cond, steps=inversion.steps, guidance=inversion.guidance, controller=controller,
+                        progress=progress, **inversion.sampling_inputs(pipe))
