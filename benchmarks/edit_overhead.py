@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.presets import PRESETS  # noqa: E402
-from p2p.edit import EditSettings, build_controller  # noqa: E402
+from p2p.core.settings import EditSettings, build_controller  # noqa: E402
 from tests import reference_p2p as R  # noqa: E402
 from tests.conftest import openai_bpe_path, write_clip_vocab_dir  # noqa: E402
 from tests.tiny import ours_from_reference, reference_pipeline  # noqa: E402
@@ -48,16 +48,15 @@ def build(args):
 def runner(name, ours, ref, args):
     """A function that runs the variant once (no VAE decoding: the denoising loop is what differs)."""
     size = args.latent * ours.cfg.vae_scale
-    blend_res = max(ours.cfg.unet.sample_size // 4, 1)
     s = EditSettings(SOURCE, targets=(TARGET,), steps=args.steps, blend=("squirrel", "lion") if "blend" in name else (),
-                     blend_res=blend_res, height=size, width=size)
+                     height=size, width=size)
     cond, uncond = ours.encode_text(s.prompts), ours.encode_text([""])
     z_T = ours.initial_latent(0, size, size)
     if name == "plain":
         return lambda: ours.denoise(z_T, cond, uncond, steps=args.steps, guidance=7.5, progress=False)
     if name.startswith("edit"):
         return lambda: ours.denoise(z_T, cond, uncond, steps=args.steps, guidance=7.5, progress=False,
-                                    controller=build_controller(s, ours.tokenizer, args.steps))
+                                    controller=build_controller(s, ours.tokenizer, args.steps, model=ours.cfg))
 
     def reference():
         ctl = None if name == "diffusers-plain" else R.AttentionReplace(s.prompts, args.steps, 0.8, 0.4,

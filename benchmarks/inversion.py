@@ -1,4 +1,4 @@
-"""How well, and how fast, each inversion reconstructs real images: scene images (p2p/scenes.py) inverted with
+"""How well, and how fast, each inversion reconstructs real images: scene images (p2p/world/scenes.py) inverted with
 their captions on the embedded model, then regenerated from the inversion alone (the source row of an edit).
 
     python benchmarks/inversion.py                              # 8 scenes, the model's steps and guidance, CPU
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2p import scenes  # noqa: E402
-from p2p.images import load_image, psnr  # noqa: E402
-from p2p.inversion import invert, reconstruct  # noqa: E402
-from p2p.pipeline import Pipeline  # noqa: E402
+from p2p.world import scenes  # noqa: E402
+from p2p.files.images import load_image, psnr  # noqa: E402
+from p2p.core.inversion import invert, reconstruct  # noqa: E402
+from p2p.core.pipeline import Pipeline  # noqa: E402
 
 METHODS = ("ddim w=1", "ddim", "null-text", "negative-prompt", "direct")
 

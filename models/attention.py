@@ -7,7 +7,7 @@ Prompt-to-Prompt (Hertz et al., ICLR 2023, Sec. 3.1) edits images by editing the
 of the UNet. Every attention layer of the UNet is a `CrossAttention` that knows, from the moment the
 network is built, *where* it is: a `Site` (its state-dict name, its place down/mid/up, self or cross,
 its resolution). At call time an optional controller is passed down explicitly. For a site the
-controller `wants`, the map M is materialised, handed to the controller, and whatever it returns is
+controller wants (`wants_map`), the map M is materialised, handed to the controller, and whatever it returns is
 multiplied with V. Every other site runs the fused `F.scaled_dot_product_attention` kernel, so a
 controller that only looks at the 16x16 cross-attention layers pays for nothing else.
 
@@ -44,14 +44,15 @@ class Site:
 class AttentionController(Protocol):
     """What the UNet needs of a controller: which sites it wants, and what it does with their maps.
 
-    `wants` is asked at every call of every attention layer, with the spatial size (h, w) of the
-    queries at this call. `__call__` receives M of shape (batch, heads, queries, keys), queries = h * w,
-    and returns a tensor of the same shape. It must not modify M in place.
+    `wants_map` is asked at every call of every attention layer, with the spatial size (h, w) of the
+    queries at this call. `on_map` receives M of the whole batch, (batch, heads, queries, keys) with
+    queries = h * w, and returns a tensor of the same shape; it must not modify M in place.
+    `p2p.core.controller.Controller` implements both for the editing code.
     """
 
-    def wants(self, site: Site, hw: tuple[int, int]) -> bool: ...
+    def wants_map(self, site: Site, hw: tuple[int, int]) -> bool: ...
 
-    def __call__(self, M: torch.Tensor, site: Site, hw: tuple[int, int]) -> torch.Tensor: ...
+    def on_map(self, M: torch.Tensor, site: Site, hw: tuple[int, int]) -> torch.Tensor: ...
 
 
 def attention_map(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -80,9 +81,9 @@ class CrossAttention(nn.Module):
         ctx = x if context is None else context
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
-        if controller is not None and controller.wants(self.site, hw):
+        if controller is not None and controller.wants_map(self.site, hw):
             M = attention_map(q, k, self.scale)  # (b, heads, queries, keys)
-            M = controller(M, self.site, hw)
+            M = controller.on_map(M, self.site, hw)
             out = torch.matmul(M.to(v.dtype), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)

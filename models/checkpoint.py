@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .errors import UserError
 from .unet import UNetConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message says why and what to do."""
 
 

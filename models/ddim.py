@@ -12,6 +12,12 @@ One DDIM step from t to t' = t - 1000 // N (DDIM Eq. 12), with eps = eps_theta(z
 For the last step t' < 0 and alpha_bar_t' is alpha_bar_0 (`set_alpha_to_one = False`, as SD v1 ships)
 or 1. The inverse step (z_t' -> z_t with eps predicted at t) is what DDIM inversion uses.
 Timestep spacings and defaults follow diffusers' `DDIMScheduler` so that a seed gives the same image.
+
+One exception: with "leading" spacing, `steps_offset` 1 (SD v1) and as many steps as training timesteps
+(1000), diffusers' timesteps are 1000, 999, ..., 1 and its step indexes alpha_bar[1000], past the end of
+the schedule (an IndexError; diffusers issue #10003). Here the offset is cut to what keeps the first
+timestep at T - 1: 999, 998, ..., 0, exactly what diffusers gives without the offset. Every step count
+diffusers can run gives its timesteps unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class DDIMConfig:
         Keys it does not know are ignored, unless they ask for something DDIM here does not do."""
         bad = [f"{k}={values[k]!r}" for k, off in UNSUPPORTED.items() if values.get(k, off) != off]
         if bad:
-            raise ValueError(f"the scheduler config sets {', '.join(bad)}, which this DDIM does not implement")
+            raise UserError(f"the scheduler config sets {', '.join(bad)}, which this DDIM does not implement")
         known = {f.name for f in fields(self)}
         return DDIMConfig(**{**self.__dict__, **{k: v for k, v in values.items() if k in known}})
 
@@ -55,14 +63,14 @@ DIFFUSERS_DEFAULTS = DDIMConfig(beta_start=0.0001, beta_end=0.02, beta_schedule=
 class DDIM:
     def __init__(self, cfg: DDIMConfig = DDIMConfig()):
         if cfg.prediction_type != "epsilon":
-            raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported: SD v1 and LDM predict "
-                             "'epsilon' (a 'v_prediction' scheduler config belongs to SD 2.x)")
+            raise UserError(f"prediction_type {cfg.prediction_type!r} is not supported: SD v1 and LDM predict "
+                            "'epsilon' (a 'v_prediction' scheduler config belongs to SD 2.x)")
         if cfg.beta_schedule == "scaled_linear":
             betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps) ** 2
         elif cfg.beta_schedule == "linear":
             betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps)
         else:
-            raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported (use 'scaled_linear' or 'linear')")
+            raise UserError(f"beta_schedule {cfg.beta_schedule!r} is not supported (use 'scaled_linear' or 'linear')")
         self.cfg = cfg
         self.alpha_bar = torch.cumprod(1.0 - betas, dim=0)  # float32, as diffusers
         self.final_alpha_bar = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alpha_bar[0]
@@ -71,15 +79,17 @@ class DDIM:
         """The N timesteps of sampling, noisiest first."""
         T = self.cfg.num_train_timesteps
         if not 1 <= num_steps <= T:
-            raise ValueError(f"the number of steps must be between 1 and {T}, got {num_steps}")
+            raise UserError(f"the number of steps must be between 1 and {T}, got {num_steps}")
         if self.cfg.timestep_spacing == "leading":
-            t = (np.arange(num_steps) * (T // num_steps)).round()[::-1] + self.cfg.steps_offset
+            ratio = T // num_steps
+            offset = min(self.cfg.steps_offset, T - 1 - (num_steps - 1) * ratio)  # the first t stays <= T - 1
+            t = (np.arange(num_steps) * ratio).round()[::-1] + offset
         elif self.cfg.timestep_spacing == "trailing":
             t = np.round(np.arange(T, 0, -T / num_steps)) - 1
         elif self.cfg.timestep_spacing == "linspace":
             t = np.linspace(0, T - 1, num_steps).round()[::-1]
         else:
-            raise ValueError(f"timestep_spacing {self.cfg.timestep_spacing!r} is not supported")
+            raise UserError(f"timestep_spacing {self.cfg.timestep_spacing!r} is not supported")
         return [int(x) for x in t]
 
     def alpha_bar_at(self, t: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from .checkpoint import ldmbert_from_compvis, split_prefix
 from .clip import CLIPTextModel
 from .ddim import DIFFUSERS_DEFAULTS, DDIMConfig
+from .errors import UserError
 from .ldmbert import LDMBertModel
 from .presets import PRESETS, clip_config_from_transformers, ldmbert_config_from_diffusers
 from .tokenizer import CLIPTokenizer, PromptTokenizer
@@ -34,13 +35,7 @@ class Family:
     text_config_from_json: Callable[[dict], Any]  # the text sub-folder's config.json -> our text config
     text_from_compvis: Callable[[dict, Any], dict]  # `cond_stage_model.transformer.*` (stripped) -> our names
     scheduler_defaults: DDIMConfig  # what the keys a scheduler_config.json lacks mean for this family
-    p2p_divisors: tuple[int, int, int]  # native latent side / side of: blend maps, self-injection keys, stored queries
     runtime_pickles: bool  # whether generation reads PyTorch pickles (weights_only=True) or wants safetensors
-
-    def p2p_defaults(self, latent_side: int) -> dict:
-        """The authors' resolution-dependent P2P defaults, relative to the native latent side."""
-        blend, inject, store = (max(latent_side // d, 1) for d in self.p2p_divisors)
-        return {"blend_res": blend, "self_max_keys": inject ** 2, "store_max_queries": store ** 2}
 
 
 FAMILIES: dict[str, Family] = {
@@ -53,7 +48,6 @@ FAMILIES: dict[str, Family] = {
         text_from_compvis=lambda sd, cfg: split_prefix(sd, "text_model.") or sd,
         # StableDiffusionPipeline forces steps_offset 1 and clip_sample False on whatever the file says
         scheduler_defaults=PRESETS["sd-v1"].ddim,
-        p2p_divisors=(4, 4, 2),  # 64 latent: blend from 16x16 maps, self-injection keys <= 16**2, store <= 32**2
         runtime_pickles=True,  # sd-v1-4.ckpt keeps loading as it always did: weights_only=True runs no code
     ),
     "ldm": Family(
@@ -65,7 +59,6 @@ FAMILIES: dict[str, Family] = {
         text_from_compvis=lambda sd, cfg: ldmbert_from_compvis(sd, cfg.encoder_layers),
         # LDMTextToImagePipeline takes the file as DDIMScheduler reads it: a missing key is diffusers' default
         scheduler_defaults=DIFFUSERS_DEFAULTS,
-        p2p_divisors=(2, 2, 2),  # 32 latent: blend from 16x16 maps, self-injection keys <= 16**2, store <= 16**2
         runtime_pickles=False,  # the public files are 6 GB of pickles: `p2p convert` them once to safetensors
     ),
 }
@@ -73,5 +66,5 @@ FAMILIES: dict[str, Family] = {
 
 def family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+        raise UserError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]

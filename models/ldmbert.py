@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .errors import UserError
+
 LAYER_NORM_EPS = 1e-5
 
 
@@ -65,7 +67,7 @@ class LDMBertLayer(nn.Module):
     def __init__(self, cfg: LDMBertConfig):
         super().__init__()
         if cfg.activation_function != "gelu":
-            raise ValueError(f"LDMBert activation {cfg.activation_function!r} is not supported (LDM uses 'gelu')")
+            raise UserError(f"LDMBert activation {cfg.activation_function!r} is not supported (LDM uses 'gelu')")
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model, eps=LAYER_NORM_EPS)
         self.self_attn = LDMBertAttention(cfg.d_model, cfg.encoder_attention_heads, cfg.head_dim)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=LAYER_NORM_EPS)

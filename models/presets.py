@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .clip import CLIPTextConfig
 from .ddim import DDIMConfig
+from .errors import UnknownNameError, UserError
 from .ldmbert import LDMBertConfig
 from .unet import UNetConfig
 from .vae import VAEConfig
@@ -32,17 +33,13 @@ class ModelConfig:
     guidance: float = 7.5  # classifier-free guidance scale w
     steps: int = 50
     image_size: int = 512  # pixels; the latent side is image_size / vae_scale
-    # Prompt-to-Prompt defaults that depend on the network's resolutions (the authors' values for SD v1)
-    blend_res: int = 16  # native side of the cross-attention maps local blending is made from
-    self_max_keys: float = 16 ** 2  # self-attention is injected on layers with at most this many keys
-    store_max_queries: float = 32 ** 2  # the attention store keeps layers with at most this many queries
 
     def __post_init__(self):
         if self.family not in TEXT_CONFIGS:
-            raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(TEXT_CONFIGS)}")
+            raise UserError(f"unknown model family {self.family!r}; known: {', '.join(TEXT_CONFIGS)}")
         if not isinstance(self.text, TEXT_CONFIGS[self.family]):
-            raise ValueError(f"a {self.family!r} model's text encoder is configured by a "
-                             f"{TEXT_CONFIGS[self.family].__name__}, got a {type(self.text).__name__}")
+            raise UserError(f"a {self.family!r} model's text encoder is configured by a "
+                            f"{TEXT_CONFIGS[self.family].__name__}, got a {type(self.text).__name__}")
 
     @property
     def vae_scale(self) -> int:
@@ -57,9 +54,9 @@ PRESETS: dict[str, ModelConfig] = {
         unet=UNetConfig(block_out_channels=(32, 64, 64, 64), heads=4, cross_attention_dim=32, sample_size=8),
         vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
         text=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        image_size=64, blend_res=2,
+        image_size=64,
     ),
-    # The embedded default model (p2p/embedded, trained by p2p/train.py on p2p/scenes.py): SD v1's code paths
+    # The embedded default model (p2p/embedded, trained by p2p/world/train.py on p2p/world/scenes.py): SD v1's code paths
     # at a toy size. 64 px images, a KL-f4 autoencoder (16x16x4 latents), a UNet with attention at 16x16 and
     # 8x8 and in the mid block at 4x4 (7 transformer blocks, as SD's 16 at 64/32/16/8), a 3-layer CLIP-style
     # text encoder over the caption vocabulary's BPE (586 tokens). The VAE scaling factor is 1 / std of the
@@ -71,7 +68,7 @@ PRESETS: dict[str, ModelConfig] = {
         vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, scaling_factor=0.80182),
         text=CLIPTextConfig(vocab_size=586, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                             num_attention_heads=4),
-        guidance=5.0, steps=50, image_size=64, blend_res=8, self_max_keys=8 ** 2, store_max_queries=16 ** 2,
+        guidance=5.0, steps=50, image_size=64,
     ),
     # LDM text2img-large-256: the SD v1 UNet cross-attending to 1280-wide LDMBert states, at 32x32 latents
     # (attention at 32, 16, 8 and the mid block at 4). The authors' LDM notebook: guidance 5, the store
@@ -81,7 +78,6 @@ PRESETS: dict[str, ModelConfig] = {
     "ldm": ModelConfig(
         "ldm", unet=UNetConfig(cross_attention_dim=1280, sample_size=32), text=LDMBertConfig(),
         ddim=DDIMConfig(steps_offset=0, set_alpha_to_one=True), guidance=5.0, image_size=256,
-        blend_res=16, self_max_keys=16 ** 2, store_max_queries=16 ** 2,
     ),
     # A miniature of LDM (same topology; LDMBert with an inner attention width unlike its width), for tests.
     "tiny-ldm": ModelConfig(
@@ -90,7 +86,6 @@ PRESETS: dict[str, ModelConfig] = {
         vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
         text=LDMBertConfig(d_model=32, encoder_layers=2, encoder_ffn_dim=64, encoder_attention_heads=2, head_dim=8),
         ddim=DDIMConfig(steps_offset=0, set_alpha_to_one=True), guidance=5.0, image_size=64,
-        blend_res=4, self_max_keys=4 ** 2, store_max_queries=4 ** 2,
     ),
 }
 
@@ -107,7 +102,7 @@ def _build(cls, values: dict):
         kwargs[f.name] = _build(sub, v) if cls is ModelConfig and sub else tuple(v) if isinstance(v, list) else v
     unknown = set(values) - {f.name for f in fields(cls)}
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+        raise UserError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
     return cls(**kwargs)
 
 
@@ -135,7 +130,7 @@ def to_toml(cfg: ModelConfig) -> str:
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        raise UnknownNameError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -146,8 +141,8 @@ def _require(d: dict, what: str, checks: dict):
     bad = [f"{k}={d[k]!r} (we build {ok!r})" for k, ok in checks.items() if k in d and d[k] != ok
            and not (isinstance(ok, tuple) and d[k] in ok)]
     if bad:
-        raise ValueError(f"{what} describes a model this project does not build: {'; '.join(bad)}. "
-                         "Supported: Stable Diffusion v1.x and LDM text2img")
+        raise UserError(f"{what} describes a model this project does not build: {'; '.join(bad)}. "
+                        "Supported: Stable Diffusion v1.x and LDM text2img")
 
 
 def unet_config_from_diffusers(d: dict) -> UNetConfig:
@@ -163,11 +158,11 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
     attn = tuple(t == "CrossAttnDownBlock2D" for t in down)
     if set(down) - {"CrossAttnDownBlock2D", "DownBlock2D"} or \
             [t.replace("Up", "Down") for t in reversed(up)] != down:
-        raise ValueError(f"unet/config.json: unsupported block types {down} / {up}")
+        raise UserError(f"unet/config.json: unsupported block types {down} / {up}")
     heads = d.get("attention_head_dim", 8)
     if isinstance(heads, list):
         if len(set(heads)) != 1:
-            raise ValueError("unet/config.json: a different number of heads per level is not supported")
+            raise UserError("unet/config.json: a different number of heads per level is not supported")
         heads = heads[0]
     return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
                       block_out_channels=tuple(d["block_out_channels"]), attention_levels=attn,
@@ -180,7 +175,7 @@ def vae_config_from_diffusers(d: dict) -> VAEConfig:
     _require(d, "vae/config.json", {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
                                     "mid_block_add_attention": True, "shift_factor": None})
     if set(d.get("down_block_types", ["DownEncoderBlock2D"])) != {"DownEncoderBlock2D"}:
-        raise ValueError(f"vae/config.json: unsupported block types {d['down_block_types']}")
+        raise UserError(f"vae/config.json: unsupported block types {d['down_block_types']}")
     return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
                      block_out_channels=tuple(d["block_out_channels"]), layers_per_block=d.get("layers_per_block", 1),
                      latent_channels=d.get("latent_channels", 4), norm_num_groups=d.get("norm_num_groups", 32),
@@ -189,18 +184,18 @@ def vae_config_from_diffusers(d: dict) -> VAEConfig:
 
 def clip_config_from_transformers(d: dict) -> CLIPTextConfig:
     if d.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
-        raise ValueError(f"text_encoder/config.json: model_type {d.get('model_type')!r} is not a CLIP text model")
+        raise UserError(f"text_encoder/config.json: model_type {d.get('model_type')!r} is not a CLIP text model")
     keys = {f.name for f in fields(CLIPTextConfig)}
     cfg = CLIPTextConfig(**{k: d[k] for k in keys if k in d})
     if cfg.hidden_act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"text_encoder/config.json: hidden_act {cfg.hidden_act!r} is not supported")
+        raise UserError(f"text_encoder/config.json: hidden_act {cfg.hidden_act!r} is not supported")
     return cfg
 
 
 def ldmbert_config_from_diffusers(d: dict) -> LDMBertConfig:
     """bert/config.json of a diffusers LDM folder (diffusers' LDMBertConfig) -> our LDMBertConfig."""
     if d.get("model_type", "ldmbert") != "ldmbert":
-        raise ValueError(f"bert/config.json: model_type {d.get('model_type')!r} is not LDMBert")
+        raise UserError(f"bert/config.json: model_type {d.get('model_type')!r} is not LDMBert")
     _require(d, "bert/config.json", {"activation_function": "gelu", "scale_embedding": False})
     keys = {f.name for f in fields(LDMBertConfig)}
     return LDMBertConfig(**{k: d[k] for k in keys if k in d})

@@ -30,6 +30,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from .errors import MissingFileError, UserError
+
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID = 49406, 49407
 MAX_LENGTH = 77  # bos + 75 content tokens + eos
@@ -68,14 +70,14 @@ def _read_text(path, opener=open):
         with opener(path, "rt", encoding="utf-8") as f:
             return f.read()
     except (OSError, EOFError, UnicodeDecodeError) as e:  # EOFError: truncated .gz
-        raise ValueError(f"cannot read {path}: {e} (corrupt or truncated file?)") from e
+        raise UserError(f"cannot read {path}: {e} (corrupt or truncated file?)") from e
 
 
 def _read_json(path):
     try:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); is the file truncated or corrupt?") from None
+        raise UserError(f"{path} is not valid JSON ({e}); is the file truncated or corrupt?") from None
 
 
 def _parse_merges(lines, source):
@@ -83,7 +85,7 @@ def _parse_merges(lines, source):
     for i, line in enumerate(lines):
         pair = line.split() if isinstance(line, str) else list(line)
         if len(pair) != 2:
-            raise ValueError(f"{source}: merge #{i + 1} is {line!r}, expected two symbols")
+            raise UserError(f"{source}: merge #{i + 1} is {line!r}, expected two symbols")
         merges.append(tuple(pair))
     return merges
 
@@ -99,8 +101,8 @@ def _load_folder(folder):
 def _load_tokenizer_json(path):
     model = _read_json(path).get("model") or {}
     if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-        raise ValueError(f"{path} is not a CLIP tokenizer (needs a BPE model with end-of-word suffix "
-                         f"'</w>', found type={model.get('type')!r}, suffix={model.get('end_of_word_suffix')!r})")
+        raise UserError(f"{path} is not a CLIP tokenizer (needs a BPE model with end-of-word suffix "
+                        f"'</w>', found type={model.get('type')!r}, suffix={model.get('end_of_word_suffix')!r})")
     return dict(model["vocab"]), _parse_merges(model["merges"], path)
 
 
@@ -116,13 +118,13 @@ def _check(vocab, merges, source):
     """Catch truncated or mismatched vocab/merges before `tokenizers` silently mis-tokenises."""
     missing = [t for t in (BOS_TOKEN, EOS_TOKEN) if t not in vocab]
     if missing:
-        raise ValueError(f"{source}: the vocabulary lacks {', '.join(missing)}; not a CLIP vocabulary?")
+        raise UserError(f"{source}: the vocabulary lacks {', '.join(missing)}; not a CLIP vocabulary?")
     if len(merges) != len(vocab) - 2 * 256 - 2:
-        raise ValueError(f"{source}: {len(merges)} merges for {len(vocab)} vocabulary entries "
-                         f"(CLIP has {len(vocab) - 514}); is one of the files truncated?")
+        raise UserError(f"{source}: {len(merges)} merges for {len(vocab)} vocabulary entries "
+                        f"(CLIP has {len(vocab) - 514}); is one of the files truncated?")
     bad = next((m for m in merges if m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab), None)
     if bad is not None:
-        raise ValueError(f"{source}: merge {' '.join(bad)!r} uses symbols missing from the vocabulary")
+        raise UserError(f"{source}: merge {' '.join(bad)!r} uses symbols missing from the vocabulary")
 
 
 # ----------------------------------------------------------------------------- words
@@ -224,24 +226,24 @@ class PromptTokenizer:
         listing = f"(its words: {', '.join(w.text for w in words)})" if words else "(it has no words)"
         if isinstance(word, int) and not isinstance(word, bool):
             if not -len(words) <= word < len(words):
-                raise ValueError(f"word index {word} is out of range for the prompt {prompt!r}, which has "
-                                 f"{len(words)} words {listing}")
+                raise UserError(f"word index {word} is out of range for the prompt {prompt!r}, which has "
+                                f"{len(words)} words {listing}")
             found, label = [words[word].positions(core=True)], f"word {word} ({words[word].text!r})"
         else:
             parts, label = [self._key(p) for p in str(word).split()], repr(word)
             if not parts:
-                raise ValueError(f"empty word {word!r}; give a word of the prompt {prompt!r} {listing}")
+                raise UserError(f"empty word {word!r}; give a word of the prompt {prompt!r} {listing}")
             found = []
             for i in range(len(words) - len(parts) + 1):
                 match = [words[i + j].match(part) for j, part in enumerate(parts)]
                 if all(m is not None for m in match):
                     found.append(sorted(p for m in match for p in m))
             if not found:
-                raise ValueError(f"{word!r} is not a word of the prompt {prompt!r} {listing}")
+                raise UserError(f"{word!r} is not a word of the prompt {prompt!r} {listing}")
         positions = sorted({p for occurrence in found for p in occurrence})
         if not positions:
-            raise ValueError(f"{label} is in the prompt {prompt!r} but only after the first "
-                             f"{MAX_LENGTH - 2} tokens, which is all the text encoder takes")
+            raise UserError(f"{label} is in the prompt {prompt!r} but only after the first "
+                            f"{MAX_LENGTH - 2} tokens, which is all the text encoder takes")
         return positions
 
 
@@ -257,7 +259,7 @@ class CLIPTokenizer(PromptTokenizer):
             bpe = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                       fuse_unk=False, unk_token=EOS_TOKEN, dropout=None)
         except Exception as e:
-            raise ValueError(f"{source}: `tokenizers` rejected the vocabulary/merges: {e}") from e
+            raise UserError(f"{source}: `tokenizers` rejected the vocabulary/merges: {e}") from e
         tok = Tokenizer(bpe)
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
@@ -285,16 +287,16 @@ class CLIPTokenizer(PromptTokenizer):
             if (path / "tokenizer").is_dir():  # a whole diffusers pipeline folder
                 return cls.from_path(path / "tokenizer")
             found = folder_contents(path)
-            raise ValueError(f"cannot load a CLIP tokenizer from {path}: found {found}; {EXPECTED_FORMS}")
+            raise UserError(f"cannot load a CLIP tokenizer from {path}: found {found}; {EXPECTED_FORMS}")
         if path.is_file() and path.suffix == ".json":
             return cls(*_load_tokenizer_json(path), source=path)
         if path.is_file() and path.suffix == ".gz":
             return cls(*_load_openai_bpe(path), source=path)
         if not path.exists():
-            raise FileNotFoundError(f"cannot load a CLIP tokenizer from {path}: found nothing (no such file "
-                                    f"or folder); {EXPECTED_FORMS}")
-        raise ValueError(f"cannot load a CLIP tokenizer from {path}: found a file named {path.name!r}; "
-                         f"{EXPECTED_FORMS}")
+            raise MissingFileError(f"cannot load a CLIP tokenizer from {path}: found nothing (no such file "
+                                   f"or folder); {EXPECTED_FORMS}")
+        raise UserError(f"cannot load a CLIP tokenizer from {path}: found a file named {path.name!r}; "
+                        f"{EXPECTED_FORMS}")
 
     def tokens(self, prompt: str) -> list[str]:
         """Readable strings of the content tokens that fit (tokens(p)[i] sits at position i + 1)."""

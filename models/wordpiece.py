@@ -27,6 +27,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
+from .errors import MissingFileError, UserError
 from .tokenizer import MAX_LENGTH, PromptTokenizer, _read_json, _read_text, folder_contents
 
 CLS, SEP, PAD, UNK, MASK = "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"
@@ -47,19 +48,19 @@ def _load_tokenizer_json(path: Path) -> dict[str, int]:
     d = _read_json(path)
     model = d.get("model") or {}
     if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix", PREFIX) != PREFIX:
-        raise ValueError(f"{path} is not a BERT WordPiece tokenizer (needs a WordPiece model with the '##' prefix, "
-                         f"found type={model.get('type')!r})")
+        raise UserError(f"{path} is not a BERT WordPiece tokenizer (needs a WordPiece model with the '##' prefix, "
+                        f"found type={model.get('type')!r})")
     norm = d.get("normalizer") or {}
     if norm.get("type") == "BertNormalizer" and norm.get("lowercase") is False:
-        raise ValueError(f"{path} is a cased BERT tokenizer; LDM's LDMBert was trained on bert-base-uncased tokens")
+        raise UserError(f"{path} is a cased BERT tokenizer; LDM's LDMBert was trained on bert-base-uncased tokens")
     return dict(model["vocab"])
 
 
 def _check_config(folder: Path) -> None:
     cfg = folder / "tokenizer_config.json"
     if cfg.is_file() and _read_json(cfg).get("do_lower_case") is False:
-        raise ValueError(f"{cfg} sets do_lower_case false (a cased BERT tokenizer); LDM's LDMBert was trained on "
-                         "bert-base-uncased tokens")
+        raise UserError(f"{cfg} sets do_lower_case false (a cased BERT tokenizer); LDM's LDMBert was trained on "
+                        "bert-base-uncased tokens")
 
 
 def _strip_accents(text: str) -> str:
@@ -72,9 +73,9 @@ class BertTokenizer(PromptTokenizer):
     def __init__(self, vocab: dict[str, int], source: str = "<memory>"):
         missing = [t for t in (CLS, SEP, PAD, UNK) if t not in vocab]
         if missing:
-            raise ValueError(f"{source}: the vocabulary lacks {', '.join(missing)}; not a BERT vocabulary (or truncated)?")
+            raise UserError(f"{source}: the vocabulary lacks {', '.join(missing)}; not a BERT vocabulary (or truncated)?")
         if sorted(vocab.values()) != list(range(len(vocab))):
-            raise ValueError(f"{source}: the vocabulary ids are not 0..{len(vocab) - 1} (duplicated tokens?)")
+            raise UserError(f"{source}: the vocabulary ids are not 0..{len(vocab) - 1} (duplicated tokens?)")
         self.source, self.vocab_size = str(source), len(vocab)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = vocab[CLS], vocab[SEP], vocab[PAD], vocab[UNK]
         tok = Tokenizer(WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
@@ -100,15 +101,15 @@ class BertTokenizer(PromptTokenizer):
             if (path / "tokenizer").is_dir():  # a whole diffusers pipeline folder
                 return cls.from_path(path / "tokenizer")
             found = folder_contents(path)
-            raise ValueError(f"cannot load a BERT tokenizer from {path}: found {found}; {EXPECTED_FORMS}")
+            raise UserError(f"cannot load a BERT tokenizer from {path}: found {found}; {EXPECTED_FORMS}")
         if path.is_file() and path.suffix == ".txt":
             return cls(_load_vocab_txt(path), source=path)
         if path.is_file() and path.suffix == ".json":
             return cls(_load_tokenizer_json(path), source=path)
         if not path.exists():
-            raise FileNotFoundError(f"cannot load a BERT tokenizer from {path}: found nothing (no such file or "
-                                    f"folder); {EXPECTED_FORMS}")
-        raise ValueError(f"cannot load a BERT tokenizer from {path}: found a file named {path.name!r}; {EXPECTED_FORMS}")
+            raise MissingFileError(f"cannot load a BERT tokenizer from {path}: found nothing (no such file or "
+                                   f"folder); {EXPECTED_FORMS}")
+        raise UserError(f"cannot load a BERT tokenizer from {path}: found a file named {path.name!r}; {EXPECTED_FORMS}")
 
     def save(self, folder) -> Path:
         """Write vocab.txt (and a tokenizer_config.json for transformers' BertTokenizer) into `folder`."""

@@ -1,4 +1,4 @@
-"""Tests for p2p/align.py: hand-computed mappers, the authors' behaviour for contrast, properties."""
+"""Tests for p2p/core/align.py: hand-computed mappers, the authors' behaviour for contrast, properties."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from models.tokenizer import MAX_LENGTH, CLIPTokenizer, PromptTruncatedWarning
-from p2p.align import global_align, refine_mapper, refine_mappers, replace_mapper, replace_mappers, word_positions
+from p2p.core.align import global_align, refine_mapper, refine_mappers, replace_mapper, replace_mappers, word_occurrences
 
 # several of these take more than one CLIP token: tyrannosaurus (3), hippopotamus (3), axolotl (4),
 # skyscraper (3), quokka (3), narwhal (3), armadillo (2)
@@ -236,11 +236,13 @@ def test_word_swap_needs_equal_word_counts(tok):
         replace_mapper(tok, "a cat", "a big cat")
 
 
-def test_word_positions(tok):
-    assert word_positions(tok, "a tyrannosaurus on a chair", "tyrannosaurus") == [2, 3, 4]
-    assert word_positions(tok, "a tyrannosaurus on a chair", "a") == [1, 6]
-    with pytest.raises(ValueError, match=r"'dog' is not a word of the prompt 'a cat on a chair'"):
-        word_positions(tok, "a cat on a chair", "dog")
+def test_word_occurrences(tok):
+    prompts = ["a cat on a chair", "a tyrannosaurus on a chair"]
+    assert word_occurrences(tok, prompts, "tyrannosaurus", "test") == [(1, [2, 3, 4])]
+    assert word_occurrences(tok, prompts, "a", "test") == [(0, [1, 4]), (1, [1, 6])]
+    with pytest.raises(ValueError, match=r"test word 'dog' is in none of the prompts 'a cat on a chair'; "
+                                         r"'a tyrannosaurus on a chair' \(the words of the first: a, cat, on, a, chair\)"):
+        word_occurrences(tok, prompts, "dog", "test")
 
 
 # ----------------------------------------------------------------------------- properties

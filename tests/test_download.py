@@ -1,4 +1,4 @@
-"""Tests for p2p.download against a local HTTP server (no network)."""
+"""Tests for p2p.files.download against a local HTTP server (no network)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from p2p import download as dl
+from p2p.files import download as dl
 
 HF = "https://huggingface.co"
 REPO_ROOT = Path(__file__).resolve().parent.parent

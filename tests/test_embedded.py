@@ -13,13 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from models.checkpoint import CheckpointError
 from models.presets import load_toml, preset
-from p2p import download as dl
+from p2p.files import download as dl
 from p2p.cli import main as cli
-from p2p.edit import EditSettings, run_edit
-from p2p.evaluate import read
-from p2p.judge import iou
-from p2p.loading import EMBEDDED_DIR, read_model
-from p2p.pipeline import Pipeline
+from p2p.core.settings import EditSettings
+from p2p.core.run import run_edit
+from p2p.world.evaluate import read
+from p2p.world.judge import iou
+from p2p.files.loading import EMBEDDED_DIR, read_model
+from p2p.core.pipeline import Pipeline
 
 SEEDS = range(4)
 IOU_MIN = 0.5  # object mask IoU of a kept edit; measured 0.54-0.89 on the shipped model (baseline: 0.00-0.87)
@@ -45,7 +46,7 @@ def test_shipped_weights_match_the_manifest():
     assert entry["layout"] == "shipped"
     assert dl.download("embedded", "unused") == EMBEDDED_DIR  # verifies size and sha256, fetches nothing
     meta = json.loads((EMBEDDED_DIR / "train.json").read_text())
-    assert meta["command"].startswith("python -m p2p.train") and len(meta["commit"]) == 40
+    assert meta["command"].startswith(("python -m p2p.train", "python -m p2p.world.train")) and len(meta["commit"]) == 40
 
 
 def test_model_toml_is_the_preset():

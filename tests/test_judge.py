@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p2p import judge, scenes
+from p2p.world import judge, scenes
 
 ATTRS = ("shape", "colour", "pattern", "size")
 N_MIXED, N_TWO = 300, 100  # scenes with p_two = 0.3, and scenes with two things each
@@ -88,7 +88,7 @@ def report(name, m):
     print(f"\n{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
 
 
-# Thresholds sit just below the measured values (module docstring of p2p/judge.py), so that a regression fails.
+# Thresholds sit just below the measured values (module docstring of p2p/world/judge.py), so that a regression fails.
 
 def test_clean_scenes(mixed):
     m = evaluate(mixed, degraded=False)

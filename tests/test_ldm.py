@@ -29,9 +29,10 @@ from models.presets import PRESETS
 from models.unet import UNet
 from models.vae import AutoencoderKL
 from p2p.cli import main as cli
-from p2p.convert import convert
-from p2p.loading import read_model, split_single_file
-from p2p.pipeline import Pipeline
+from p2p.core.sites import P2PDefaults, p2p_defaults
+from p2p.files.convert import convert
+from p2p.files.loading import read_model, split_single_file
+from p2p.core.pipeline import Pipeline
 from tests.tiny import reference_unet, reference_vae
 
 TOL = 1e-4  # fp32 max abs error on network outputs
@@ -218,9 +219,9 @@ def test_folder_defaults_are_the_ldm_ones(pipe):
     cfg = pipe.cfg
     assert cfg.family == "ldm" and cfg.image_size == 64 and cfg.guidance == 5.0
     # the authors' LDM choices at a native 8x8 latent: blend from 4x4 maps, self-injection and store <= 4**2
-    assert (cfg.blend_res, cfg.self_max_keys, cfg.store_max_queries) == (4, 16, 16)
+    assert p2p_defaults(cfg) == P2PDefaults(blend_res=4, self_max_res=4, store_max_res=4)
     full = PRESETS["ldm"]
-    assert (full.blend_res, full.self_max_keys, full.store_max_queries, full.image_size) == (16, 256, 256, 256)
+    assert p2p_defaults(full) == P2PDefaults(blend_res=16, self_max_res=16, store_max_res=16) and full.image_size == 256
 
 
 # --- p2p convert ----------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def test_a_pickle_carrying_code_is_refused_and_not_run(hub_folder, tmp_path, cap
 
 
 def test_a_failure_while_writing_leaves_nothing(hub_folder, tmp_path, monkeypatch):
-    import p2p.convert as conv
+    import p2p.files.convert as conv
 
     calls = []
 

@@ -18,8 +18,8 @@ from models.clip import CLIPTextModel
 from models.presets import PRESETS
 from models.unet import UNet
 from models.vae import AutoencoderKL
-from p2p.loading import split_single_file
-from p2p.pipeline import Pipeline
+from p2p.files.loading import split_single_file
+from p2p.core.pipeline import Pipeline
 from tests.tiny import reference_pipeline, reference_unet, reference_vae
 
 FIXTURES = Path(__file__).parent / "fixtures"

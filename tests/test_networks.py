@@ -17,7 +17,7 @@ from models.clip import CLIPTextConfig, CLIPTextModel
 from models.presets import PRESETS
 from models.unet import UNet, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
-from p2p.controllers import Controller
+from p2p.core.controller import Controller
 
 TOL = 1e-4  # fp32 max abs error on network outputs (issue 2)
 
@@ -42,16 +42,17 @@ def unet_pair():
     return ref, ours
 
 
-class Recorder(Controller):
-    """Wants every site (or those passing `select`), records what it saw, returns M unchanged or replaced."""
+class Recorder:
+    """The UNet's side of the contract (models.attention.AttentionController), with no guidance layout: wants
+    every site (or those passing `select`), records what it saw, returns M unchanged or replaced."""
 
     def __init__(self, select=lambda s: True, replace=None):
         self.select, self.replace, self.seen = select, replace, []
 
-    def wants(self, site, hw):
+    def wants_map(self, site, hw):
         return self.select(site)
 
-    def __call__(self, M, site, hw):
+    def on_map(self, M, site, hw):
         self.seen.append((site, tuple(M.shape), hw))
         return M if self.replace is None else self.replace(M)
 

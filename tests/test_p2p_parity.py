@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from p2p.edit import EditSettings, run_edit
-from p2p.pipeline import Pipeline
+from p2p.core.settings import EditSettings
+from p2p.core.sites import SiteSelection
+
+from p2p.core.run import run_edit
+from p2p.core.pipeline import Pipeline
 from tests import reference_p2p as R
 from tests.tiny import reference_pipeline
 
@@ -41,7 +44,7 @@ def settings(prompt, targets, **kw):
     size = kw.pop("size", 64)
     # the reference's self-injection cap is the authors' absolute 16 x 16 keys: every layer of the tiny model
     return EditSettings(prompt, targets=tuple(targets), steps=STEPS, seed=kw.pop("seed", 1), height=size, width=size,
-                        self_max_keys=16 ** 2, **kw)
+                        self_sites=SiteSelection(max_res=16), **kw)
 
 
 @pytest.mark.parametrize("cross,self_", [(0.8, 0.4), ({"default_": 1.0, "dog": 0.4}, 0.6), ((0.2, 0.7), (0.1, 0.5))])
@@ -80,14 +83,15 @@ def test_reweight_alone_and_chained(pair):
 def test_local_blend(pair):
     """At 128 px (4x4 maps at the tiny model's blend level) with a threshold that makes a real mask."""
     ref, _ = pair
-    s = settings("a cat on a chair", ["a dog on a chair"], blend=("cat", "dog"), blend_res=2, blend_threshold=0.95,
+    s = settings("a cat on a chair", ["a dog on a chair"], blend=("cat", "dog"), blend_threshold=0.95,
+                 blend_sites=SiteSelection(kinds=("cross",), res=(2,)),
                  size=128, cross_replace={"default_": 1.0, "dog": 0.4})
     blend = R.LocalBlend(s.prompts, ("cat", "dog"), ref.tokenizer, threshold=0.95)
     ctl = R.AttentionReplace(s.prompts, STEPS, {"default_": 1.0, "dog": 0.4}, 0.4, local_blend=blend,
                              tokenizer=ref.tokenizer)
     rel, pixels, got = compare(pair, s, ctl, size=128)
     assert rel <= 1e-9 and pixels <= 1.0
-    ours_mask = got.controller.blend.mask((16, 16))
+    ours_mask = got.controller.controllers[1].mask((16, 16))
     theirs_mask = blend.masks[-1].float()
     assert 0 < ours_mask[1].mean() < 1  # a real mask, not everything
     assert torch.equal(ours_mask, theirs_mask)

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from p2p import scenes
+from p2p.world import scenes
 
 PHRASE = re.compile(r"a (?P<size>\w+) (?P<colour>\w+)(?: (?P<pattern>\w+))? (?P<shape>\w+)")
 CAPTION = re.compile(r"(?P<things>.+) on a (?P<background>\w+) background")

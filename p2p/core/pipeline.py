@@ -25,14 +25,18 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import load_module
 from models.ddim import DDIM
+from models.errors import UserError
 from models.families import family
 from models.presets import ModelConfig, preset
 from models.tokenizer import PromptTokenizer
 from models.unet import UNet
 from models.vae import AutoencoderKL
 
-from .controllers import AttentionStore, Controller, GuidanceLayout
-from .loading import read_model
+from p2p.files.loading import read_model
+
+from .controller import Controller, GuidanceLayout
+from .sites import p2p_defaults
+from .store import AttentionStore
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -53,7 +57,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -74,8 +78,8 @@ class Pipeline:
                             f"{fam.tokenizer.__name__}, got a {type(text_encoder).__name__} and a "
                             f"{type(tokenizer).__name__}")
         if tokenizer.vocab_size > cfg.text.vocab_size:
-            raise ValueError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the text encoder "
-                             f"embeds {cfg.text.vocab_size}: a tokenizer of another model?")
+            raise UserError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the text encoder "
+                            f"embeds {cfg.text.vocab_size}: a tokenizer of another model?")
         self.cfg, self.unet, self.vae, self.text_encoder, self.tokenizer = cfg, unet, vae, text_encoder, tokenizer
         self.ddim = DDIM(cfg.ddim)
         for m in (unet, vae, text_encoder):
@@ -104,7 +108,7 @@ class Pipeline:
         fam = family(cfg.family)
         tok_path = tokenizer or tok_dir
         if tok_path is None:
-            raise ValueError(f"{path} carries no tokenizer: pass one (--tokenizer PATH): {fam.tokenizer_forms}")
+            raise UserError(f"{path} carries no tokenizer: pass one (--tokenizer PATH): {fam.tokenizer_forms}")
         tok = tok_path if isinstance(tok_path, PromptTokenizer) else fam.tokenizer.from_path(tok_path)
         with torch.device("meta"):
             unet, vae, text = UNet(cfg.unet), AutoencoderKL(cfg.vae), fam.text_encoder(cfg.text)
@@ -123,10 +127,10 @@ class Pipeline:
         tok = tokenizer if isinstance(tokenizer, PromptTokenizer) else fam.tokenizer.from_path(tokenizer)
         return cls(cfg, *(m.to(device, resolve_dtype(dtype, device)) for m in modules), tok)
 
-    def attention_store(self, **kw) -> AttentionStore:
-        """An AttentionStore keeping the layers the authors kept for this model (SD v1: <= 32**2 queries,
-        LDM: <= 16**2); keyword arguments as AttentionStore's."""
-        return AttentionStore(**{"max_queries": self.cfg.store_max_queries, **kw})
+    def attention_store(self, window=None) -> AttentionStore:
+        """An AttentionStore keeping the layers the authors kept for this model (SD v1: <= 32x32 queries,
+        LDM: <= 16x16; p2p/core/sites.py), over the steps of `window` (default all)."""
+        return AttentionStore(p2p_defaults(self.cfg).store_sites, window=window)
 
     # --- the three stages ----------------------------------------------------------------------
 
@@ -139,27 +143,26 @@ class Pipeline:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
         s = self.cfg.vae_scale
         if height % s or width % s or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {s}, got {height}x{width}")
+            raise UserError(f"height and width must be positive multiples of {s}, got {height}x{width}")
         return 1, self.cfg.unet.in_channels, height // s, width // s
 
-    def initial_latent(self, seed: int, height: int, width: int) -> torch.Tensor:
-        """z_T for a seed: torch.randn on a CPU generator (the same draw as diffusers), shape (1, 4, h, w)."""
-        g = torch.Generator("cpu").manual_seed(seed)
+    def initial_latent(self, seed: int | torch.Generator, height: int, width: int) -> torch.Tensor:
+        """z_T ~ N(0, I) of shape (1, 4, h, w): torch.randn on a CPU generator seeded with `seed` (the same draw
+        as diffusers), or on the generator given (which sampling with eta > 0 then continues to draw from)."""
+        g = seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(seed)
         return torch.randn(self.latent_shape(height, width), generator=g)
 
     @torch.no_grad()
     def denoise(self, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | Sequence[torch.Tensor],
                 *, steps: int, guidance: float, eta: float = 0.0, generator: torch.Generator | None = None,
-                controller: Controller | None = None, low_memory: bool = False, progress: bool = True,
-                source_offsets: Sequence[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
+                controller: Controller | None = None, low_memory: bool = False, progress: bool = True) -> torch.Tensor:
         """Guided DDIM from z_T (B or 1 rows) to z_0 (B rows), B = len(cond).
 
         `uncond` is the unconditional psi("") (B or 1 rows), or one such tensor per step (null-text
         inversion): a list, or a tensor (steps, B or 1, 77, width). With `low_memory` the two guidance
         branches run as two UNet calls. Guidance w <= 1 runs the conditional branch only (as diffusers).
         With eta > 0 the fresh noise of each step is drawn like z_T (one row when z_T has one) and shared
-        by the prompts, as z_T is. `source_offsets` (one (1, 4, h, w) latent per step, direct inversion,
-        Ju et al. 2023) is added to row 0 after each DDIM step, before the controller sees the latents.
+        by the prompts, as z_T is. The controller is told the number of steps, then each step and layout.
         """
         B = cond.shape[0]
         z = z_T.to(self.device, self.dtype).expand(B, *z_T.shape[1:])
@@ -168,10 +171,10 @@ class Pipeline:
         if eta > 0 and generator is None:
             raise ValueError("eta > 0 draws fresh noise every step: pass a generator")
         per_step = isinstance(uncond, (list, tuple)) or uncond.dim() == 4
-        for name, v in (("uncond", uncond if per_step else None), ("source_offsets", source_offsets)):
-            if v is not None and len(v) != steps:
-                raise ValueError(f"{name} has {len(v)} per-step entries for {steps} steps: an inversion is "
-                                 f"made for one number of steps; sample with steps={len(v)}")
+        if per_step and len(uncond) != steps:
+            raise UserError(f"uncond has {len(uncond)} per-step entries for {steps} steps: an inversion is "
+                            f"made for one number of steps; sample with steps={len(uncond)}")
+        ctl.begin_sampling(steps)
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
             u = uncond[i] if per_step else uncond
             u = u.to(self.device, self.dtype).expand(B, *u.shape[1:])
@@ -193,8 +196,6 @@ class Pipeline:
                 noise = torch.randn(z_T.shape, generator=generator, dtype=z.dtype, device=generator.device)
                 noise = noise.to(z.device).expand_as(z)
             z = self.ddim.step(eps, t, z, steps, eta=eta, noise=noise)
-            if source_offsets is not None:  # direct inversion: the source row back onto the inverted trajectory
-                z = torch.cat([z[:1] + source_offsets[i].to(z.device, z.dtype), z[1:]])
             z = ctl.end_step(i, z)
         return z
 
@@ -215,7 +216,7 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = height or self.cfg.image_size, width or self.cfg.image_size
         g = torch.Generator("cpu").manual_seed(seed)
-        z_T = torch.randn(self.latent_shape(height, width), generator=g)
+        z_T = self.initial_latent(g, height, width)
         cond = self.encode_text(prompts)
         uncond = self.encode_text([negative_prompt])
         z_0 = self.denoise(z_T, cond, uncond, steps=steps or self.cfg.steps,
@@ -226,20 +227,3 @@ class Pipeline:
     def with_config(self, **changes) -> Pipeline:
         """The same networks with other sampling defaults (e.g. steps, guidance)."""
         return Pipeline(replace(self.cfg, **changes), self.unet, self.vae, self.text_encoder, self.tokenizer)
-
-
-def save_png(image: Image.Image, path: str | Path, settings: dict) -> Path:
-    """Write a PNG with the settings that reproduce it in its text metadata (key "p2p"), atomically."""
-    import json
-    import os
-
-    from PIL import PngImagePlugin
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("p2p", json.dumps(settings, sort_keys=True))
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-    return path

@@ -1,7 +1,7 @@
 """Real images in: a photo file -> a square image of the model's size -> its latent z_0 (Sec. 4 of the
 paper, "Real image editing", and the null-text notebook's `load_512` + `image2latent`).
 
-    from p2p.images import load_image, encode_image
+    from p2p.files.images import load_image, encode_image
     image = load_image("cat.jpg", pipe.cfg.image_size)   # PIL, RGB, image_size x image_size
     z_0 = encode_image(pipe, image)                       # (1, 4, h, w): the VAE posterior mean, scaled
 
@@ -25,25 +25,27 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.errors import MissingFileError, UserError
+
 
 def open_image(path: str | Path) -> Image.Image:
     """Decode an image file completely (so a truncated file fails here, not later), RGB."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no image at {path}")
+        raise MissingFileError(f"no image at {path}")
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not an image file")
+        raise UserError(f"{path} is a folder, not an image file")
     try:
         with Image.open(path) as img:
             img.load()  # decodes every pixel: a truncated PNG/JPEG raises here
             img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
-        raise ValueError(f"{path} is not an image file PIL can read (use a PNG, JPEG or WebP image)") from None
+        raise UserError(f"{path} is not an image file PIL can read (use a PNG, JPEG or WebP image)") from None
     except PermissionError:
-        raise ValueError(f"cannot read {path}: permission denied (check the file's permissions)") from None
+        raise UserError(f"cannot read {path}: permission denied (check the file's permissions)") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL: "image file is truncated", broken chunks, bad headers
-        raise ValueError(f"cannot decode the image {path}: {e}; the file is truncated or corrupt, "
-                         "re-export or re-download it") from None
+        raise UserError(f"cannot decode the image {path}: {e}; the file is truncated or corrupt, "
+                        "re-export or re-download it") from None
     return to_rgb(img)
 
 
@@ -60,9 +62,9 @@ def square(img: Image.Image, size: int, *, what: str = "the image") -> Image.Ima
     """The centre square of `img`, resized to size x size (Lanczos); refuses images smaller than size."""
     w, h = img.size
     if min(w, h) < size:
-        raise ValueError(f"{what} is {w}x{h} pixels, smaller than the model's {size}x{size}: give an image at "
-                         f"least {size} pixels on its shorter side (it is centre-cropped to a square and "
-                         f"resized to {size}x{size})")
+        raise UserError(f"{what} is {w}x{h} pixels, smaller than the model's {size}x{size}: give an image at "
+                        f"least {size} pixels on its shorter side (it is centre-cropped to a square and "
+                        f"resized to {size}x{size})")
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side))

@@ -3,7 +3,7 @@
 The paper shows (Sec. 4, Figs. 3-8) that injecting the source's cross-attention maps M into the
 generation of an edited prompt P* changes what the prompt edit asks for while keeping the layout, where
 plain generation of P* from the same seed keeps little. Here the images come from the procedural scene
-generator's world (p2p/scenes.py), so an analytic reader of attributes and object masks (p2p/judge.py)
+generator's world (p2p/world/scenes.py), so an analytic reader of attributes and object masks (p2p/world/judge.py)
 can score every image without a human:
 
 - text alignment of plain generation: the attributes of the prompt read back from its image;
@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import scenes
-from .edit import EditSettings, grid, run_edit
-from .images import psnr
-from .judge import centroid_shift, iou, judge
+from p2p.world import scenes
+from p2p.core.settings import EditSettings
+from p2p.files.output import grid
+from p2p.core.run import run_edit
+from p2p.files.images import psnr
+from p2p.world.judge import centroid_shift, iou, judge
 
 SWAPS = ("shape", "colour", "pattern", "background")
 OBJECT_SWAPS = ("shape", "colour", "pattern")

@@ -11,16 +11,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .controllers import AttentionStore
-from .edit import grid
+from p2p.files.output import grid
+
+from .sites import SiteSelection
+from .store import AUTHORS_MAPS, AttentionStore
 
 SIDE = 256  # each tile of a sheet is SIDE x SIDE pixels
 
 
-def token_maps(store: AttentionStore, tokenizer, prompt: str, prompt_index: int = 0, res=16,
-               places=("up", "down")) -> list[tuple[str, np.ndarray]]:
-    """(token text, map (h, w) in [0, 1]) for BOS, every content token and EOS of `prompt`."""
-    maps = store.aggregate("cross", res, places)[prompt_index]  # (h, w, 77)
+def token_maps(store: AttentionStore, tokenizer, prompt: str, prompt_index: int = 0,
+               sites: SiteSelection = AUTHORS_MAPS) -> list[tuple[str, np.ndarray]]:
+    """(token text, map (h, w) in [0, 1]) for BOS, every content token and EOS of `prompt`, averaged over
+    the stored steps and the chosen sites (default: the 16x16 up and down layers, as the authors)."""
+    maps = store.aggregate("cross", sites)[prompt_index]  # (h, w, 77)
     tokens = ["<bos>", *tokenizer.tokens(prompt), "<eos>"]
     out = []
     for i, text in enumerate(tokens):
@@ -61,11 +64,11 @@ def token_sheet(image: Image.Image | None, maps: list[tuple[str, np.ndarray]], o
     return grid(tiles, [t for t, _ in maps])
 
 
-def self_attention_components(store: AttentionStore, res=16, places=("up", "down"), prompt_index: int = 0,
+def self_attention_components(store: AttentionStore, sites: SiteSelection = AUTHORS_MAPS, prompt_index: int = 0,
                               n: int = 10) -> list[np.ndarray]:
     """The first n right-singular vectors of the row-centred self-attention map, each as an (h, w) image
     normalised to [0, 1] (the authors' `show_self_attention_comp`)."""
-    maps = store.aggregate("self", res, places)[prompt_index]  # (h, w, h*w)
+    maps = store.aggregate("self", sites)[prompt_index]  # (h, w, h*w)
     h, w, _ = maps.shape
     a = maps.reshape(h * w, h * w).double()
     a = a - a.mean(dim=1, keepdim=True)

@@ -1,6 +1,6 @@
 """Procedural scenes: one or two flat objects on a background, with a caption from a small grammar.
 
-    from p2p import scenes
+    from p2p.world import scenes
     scene = scenes.sample_scene(np.random.default_rng(0))
     scenes.caption(scene)                 # 'a big red striped square and a small blue circle on a green background'
     image, masks = scenes.render(scene)   # 64x64 RGB PIL image, (n_things, 64, 64) bool visible masks

@@ -1,6 +1,6 @@
 """An analytic judge of scene images: reads back what `scenes` draws, with no training.
 
-    from p2p import judge
+    from p2p.world import judge
     reading = judge.judge(image, n_things=2)   # 64x64 RGB PIL image or (64, 64, 3) uint8 array
     reading.background                         # 'green'
     thing = reading.things[0]                  # the largest object found
@@ -59,7 +59,7 @@ from itertools import permutations
 import numpy as np
 from PIL import Image
 
-from . import scenes
+from p2p.world import scenes
 
 SIZE = 64  # the image side the judge reads
 MIN_AREA = 15  # pixels; smaller components are noise (the smallest object covers about 55)

@@ -1,7 +1,7 @@
 """Real-image inversion: an image and its caption P -> the z_T (and guidance inputs) that regenerate it, so
 that Prompt-to-Prompt can edit it (paper Sec. 4, "Real image editing"; its follow-ups).
 
-    from p2p.inversion import invert, reconstruct
+    from p2p.core.inversion import invert, reconstruct
     inv = invert(pipe, "cat.jpg", "a cat sitting next to a mirror", method="null-text")
     inv.save("cat.safetensors")                     # invert once, edit many times: Inversion.load(...)
     z_0 = reconstruct(pipe, inv)                    # row 0 of every edit of `inv`
@@ -48,7 +48,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .images import encode_image, load_image
+from models.errors import MissingFileError, UserError
+
+from p2p.files.images import encode_image, load_image
+
+from .controller import Compose, Controller
 
 METHODS = ("ddim", "null-text", "negative-prompt", "direct")
 FORMAT = "p2p-inversion/1"
@@ -95,42 +99,44 @@ class Inversion:
         settings an edit of this inversion cannot honour. The seed is unused (z_T is the inversion's)."""
         s, fix = settings, {}
         if s.prompt != self.prompt:
-            raise ValueError(f"the edit's source prompt {s.prompt!r} is not the caption the image was inverted with "
-                             f"({self.prompt!r}): use that caption as the source prompt, or invert again with yours")
+            raise UserError(f"the edit's source prompt {s.prompt!r} is not the caption the image was inverted with "
+                            f"({self.prompt!r}): use that caption as the source prompt, or invert again with yours")
         for name, mine in (("steps", self.steps), ("height", self.image_size[0]), ("width", self.image_size[1])):
             value = getattr(s, name)
             if value is not None and value != mine:
-                raise ValueError(f"the inversion is made for {name}={mine}, the edit asks for {name}={value}: "
-                                 f"leave {name} unset or invert again with it")
+                raise UserError(f"the inversion is made for {name}={mine}, the edit asks for {name}={value}: "
+                                f"leave {name} unset or invert again with it")
             fix[name] = mine
         if s.guidance is not None and s.guidance != self.guidance and self.method in ("null-text", "direct"):
-            raise ValueError(f"a {self.method} inversion is made for guidance {self.guidance} and reconstructs only "
-                             f"with it; the edit asks for {s.guidance}: leave guidance unset or invert again with it")
+            raise UserError(f"a {self.method} inversion is made for guidance {self.guidance} and reconstructs only "
+                            f"with it; the edit asks for {s.guidance}: leave guidance unset or invert again with it")
         fix["guidance"] = self.guidance if s.guidance is None else s.guidance
         if s.eta:
-            raise ValueError(f"an inverted image is edited with deterministic DDIM (eta 0), got eta={s.eta}")
+            raise UserError(f"an inverted image is edited with deterministic DDIM (eta 0), got eta={s.eta}")
         if s.negative_prompt and self.method != "ddim":
-            raise ValueError(f"a {self.method} inversion sets the unconditional branch itself; drop the negative "
-                             "prompt (it only combines with --inversion ddim)")
+            raise UserError(f"a {self.method} inversion sets the unconditional branch itself; drop the negative "
+                            "prompt (it only combines with --inversion ddim)")
         return replace(s, **fix)
 
     def sampling_inputs(self, pipe, negative_prompt: str = "") -> dict:
-        """z_T, uncond and source_offsets for `Pipeline.denoise` on `pipe` (checked to be the inverting model)."""
+        """z_T, uncond and the controller for `Pipeline.denoise` on `pipe` (checked to be the inverting model):
+        for a direct inversion, `SourceOffsets` (compose an edit after it); else None."""
         if tuple(self.z_T.shape) != pipe.latent_shape(*self.image_size):
-            raise ValueError(f"the inversion's z_T is {tuple(self.z_T.shape)} but this model's latent for "
-                             f"{self.image_size[0]}x{self.image_size[1]} is {pipe.latent_shape(*self.image_size)}: "
-                             "it was made with another model; invert the image again with this one")
+            raise UserError(f"the inversion's z_T is {tuple(self.z_T.shape)} but this model's latent for "
+                            f"{self.image_size[0]}x{self.image_size[1]} is {pipe.latent_shape(*self.image_size)}: "
+                            "it was made with another model; invert the image again with this one")
         fp = self.info.get("model_fingerprint")
         if fp is not None and not same_model(fp, fingerprint(pipe)):
-            raise ValueError("the inversion was made with another model (its UNet weights differ): invert the image "
-                             "again with this model")
+            raise UserError("the inversion was made with another model (its UNet weights differ): invert the image "
+                            "again with this model")
         if self.method == "null-text":
             uncond = self.uncond[:, None]  # (N, 1, 77, width): one embedding per step, shared by the prompts
         elif self.method == "negative-prompt":
             uncond = self.uncond
         else:
             uncond = pipe.encode_text([negative_prompt])
-        return {"z_T": self.z_T, "uncond": uncond, "source_offsets": self.offsets}
+        return {"z_T": self.z_T, "uncond": uncond,
+                "controller": None if self.offsets is None else SourceOffsets(self.offsets)}
 
     # --- file -----------------------------------------------------------------------------------------
 
@@ -156,22 +162,36 @@ class Inversion:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no inversion file at {path} (write one with `p2p invert ... --out {path}`)")
+            raise MissingFileError(f"no inversion file at {path} (write one with `p2p invert ... --out {path}`)")
         try:
             with safe_open(str(path), "pt") as f:
                 header = (f.metadata() or {}).get(KEY)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable .safetensors file ({e}); write it with `p2p invert`") from None
+            raise UserError(f"{path} is not a readable .safetensors file ({e}); write it with `p2p invert`") from None
         if header is None:
-            raise ValueError(f"{path} is a safetensors file but not an inversion (no {KEY!r} metadata); "
-                             "write one with `p2p invert`")
-        meta = json.loads(header)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is an inversion of format {meta.get('format')!r}; this p2p reads {FORMAT!r}")
-        return cls(tensors["z_T"], meta["prompt"], meta["method"], int(meta["steps"]), float(meta["guidance"]),
-                   tuple(meta["image_size"]), tensors.get("uncond"), tensors.get("offsets"), tensors.get("z_0"),
-                   meta.get("info", {}))
+            raise UserError(f"{path} is a safetensors file but not an inversion (no {KEY!r} metadata); "
+                            "write one with `p2p invert`")
+        broken = f"{path}: the inversion's header is broken"
+        fix = "the file is damaged or was edited: invert the image again with `p2p invert`"
+        try:
+            meta = json.loads(header)
+            fmt = meta.get("format")
+        except (ValueError, AttributeError):
+            raise UserError(f"{broken} (its {KEY!r} metadata is not a JSON object); {fix}") from None
+        if fmt != FORMAT:
+            raise UserError(f"{path} is an inversion of format {fmt!r}; this p2p reads {FORMAT!r}")
+        try:
+            inv = cls(tensors["z_T"], str(meta["prompt"]), meta["method"], int(meta["steps"]),
+                      float(meta["guidance"]), tuple(int(s) for s in meta["image_size"]), tensors.get("uncond"),
+                      tensors.get("offsets"), tensors.get("z_0"), dict(meta.get("info", {})))
+        except KeyError as e:
+            raise UserError(f"{broken} (it lacks {e.args[0]!r}); {fix}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{broken} ({e}); {fix}") from None
+        if inv.method not in METHODS:
+            raise UserError(f"{broken} (unknown method {inv.method!r}); {fix}")
+        return inv
 
 
 # --- the methods ----------------------------------------------------------------------------------------
@@ -245,20 +265,20 @@ def direct_offsets(pipe, trajectory, cond, uncond, steps, guidance) -> torch.Ten
 def check_caption(tokenizer, prompt: str) -> None:
     n = tokenizer.count(prompt)
     if n > 77:
-        raise ValueError(f"the caption {prompt!r} is {n} tokens, more than the 77 the text encoder takes; shorten "
-                         "it (an edit aligns its tokens, so it cannot run on a truncated caption)")
+        raise UserError(f"the caption {prompt!r} is {n} tokens, more than the 77 the text encoder takes; shorten "
+                        "it (an edit aligns its tokens, so it cannot run on a truncated caption)")
 
 
 def invert(pipe, image: str | Path | Image.Image, prompt: str, method: str = "null-text", *, steps: int | None = None,
            guidance: float | None = None, inner_steps: int = 10, early_stop: float = 1e-5, lr: float = 1e-2,
            progress: bool = True) -> Inversion:
-    """Invert a photo (a path or a PIL image, prepared by p2p.images.load_image) with its caption `prompt`.
+    """Invert a photo (a path or a PIL image, prepared by p2p.files.images.load_image) with its caption `prompt`.
 
     `steps` and `guidance` default to the model's (SD v1: 50 and 7.5); `inner_steps`, `early_stop` and `lr`
     are null-text's (the authors' 10, 1e-5 and 1e-2).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
+        raise UserError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
     check_caption(pipe.tokenizer, prompt)
     steps = steps or pipe.cfg.steps
     guidance = pipe.cfg.guidance if guidance is None else float(guidance)
@@ -282,9 +302,28 @@ def invert(pipe, image: str | Path | Image.Image, prompt: str, method: str = "nu
                      uncond, offsets, z_0, info)
 
 
+class SourceOffsets(Controller):
+    """Direct inversion (Ju et al. 2023): after each DDIM step, the step's offset d_i (1, 4, h, w) is added to
+    row 0, the source, which so retraces the inverted trajectory exactly; the edited rows are left alone.
+    Compose it before an edit's controller, so that local blending sees the corrected source."""
+
+    def __init__(self, offsets: torch.Tensor):
+        self.offsets = offsets  # (N, 1, 4, h, w)
+
+    def begin_sampling(self, num_steps):
+        if num_steps != len(self.offsets):
+            raise ValueError(f"the direct inversion has offsets for {len(self.offsets)} steps, the sampler runs "
+                             f"{num_steps}: an inversion is made for one number of steps")
+        super().begin_sampling(num_steps)
+
+    def end_step(self, step, z_t):
+        return torch.cat([z_t[:1] + self.offsets[step].to(z_t.device, z_t.dtype), z_t[1:]])
+
+
 def reconstruct(pipe, inversion: Inversion, *, controller=None, progress: bool = True) -> torch.Tensor:
     """z_0 regenerated from the inversion with its own caption: the source row of every edit of it
     (`controller`, e.g. an AttentionStore, sees its attention like a generation's)."""
     cond = pipe.encode_text([inversion.prompt])
-    return pipe.denoise(cond=cond, steps=inversion.steps, guidance=inversion.guidance, controller=controller,
-                        progress=progress, **inversion.sampling_inputs(pipe))
+    inputs = inversion.sampling_inputs(pipe)
+    inputs["controller"] = Compose(inputs["controller"], controller)
+    return pipe.denoise(cond=cond, steps=inversion.steps, guidance=inversion.guidance, progress=progress, **inputs)

@@ -2,7 +2,7 @@
 
 LDM text2img-large-256 is published only as pickles (`CompVis/ldm-text2im-large-256`: `unet/`, `vqvae/`,
 `bert/` hold `*.bin`; the original `text2img-large/model.ckpt` is one Lightning pickle), and the runtime
-reads LDM from safetensors only (p2p/loading.py). `convert(src, dst)` reads either layout, and SD v1's
+reads LDM from safetensors only (p2p/files/loading.py). `convert(src, dst)` reads either layout, and SD v1's
 (`sd-v1-4.ckpt`, a diffusers folder of `.bin`), with `read_model(..., pickles=True)`, i.e.
 `torch.load(weights_only=True)`: a pickle that asks for anything but tensors and plain containers (a class
 instance whose `__reduce__` calls `os.system`, say) is refused before it is run, with a `CheckpointError`.
@@ -42,7 +42,7 @@ from models.tokenizer import _load_openai_bpe
 from models.unet import UNet
 from models.vae import AutoencoderKL
 
-from .loading import read_model
+from p2p.files.loading import read_model
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                 "text": "model.safetensors"}

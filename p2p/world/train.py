@@ -1,7 +1,7 @@
 """Train the embedded default model: a tiny latent text-to-image model of the procedural scenes.
 
-    python -m p2p.train --out runs/embedded            # all stages, resumable: run it again to continue
-    python -m p2p.train --out runs/embedded --export p2p/embedded
+    python -m p2p.world.train --out runs/embedded            # all stages, resumable: run it again to continue
+    python -m p2p.world.train --out runs/embedded --export p2p/embedded
 
 Three stages, each seeded and checkpointed (model, optimiser, step, RNG) so that an interrupted run
 continues where it stopped:
@@ -37,7 +37,7 @@ from models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unico
 from models.unet import UNet
 from models.vae import AutoencoderKL
 
-from . import scenes
+from p2p.world import scenes
 
 # The embedded model's architecture is the preset "embedded" (models/presets.py, configs/models/embedded.toml);
 # a run sets the text encoder's vocabulary from the tokenizer it learns and the VAE scale from its latents.
@@ -272,7 +272,7 @@ def main(argv=None):
     cfg = replace(cfg, vae=replace(cfg.vae, scaling_factor=round(1.0 / latents.std().item(), 5)))
     ids = tok.encode(captions)
     unet, text = train_diffusion(cfg, latents, ids, tok.encode([""])[0], run, args.steps, args.batch, args.lr, args.seed)
-    meta = {"command": "python -m p2p.train " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    meta = {"command": "python -m p2p.world.train " + " ".join(argv if argv is not None else os.sys.argv[1:]),
             "commit": commit, "seconds": round(time.time() - t0), "args": vars(args),
             "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                         f"torch {torch.__version__}", "config": asdict(cfg)}

@@ -8,8 +8,8 @@ sequences the text encoder sees: position 0 is BOS, then the content tokens, the
 (EOS again in SD v1).
 
   replace_mapper  word swap, a (77, 77) matrix A with  M_hat = M_src @ A  (rows sum to 1)
-  refine_mapper   adding words, Needleman-Wunsch on the token ids: (mapper, alphas) with
-                  M_hat[..., j] = alphas[j] * M_src[..., mapper[j]] + (1 - alphas[j]) * M_tgt[..., j]
+  refine_mapper   adding words, Needleman-Wunsch on the token ids: (mapper, aligned) with
+                  M_hat[..., j] = aligned[j] * M_src[..., mapper[j]] + (1 - aligned[j]) * M_tgt[..., j]
 
 Differences from the authors' `seq_aligner.py` (google/prompt-to-prompt):
   * their replacement mapper continues with A[j, j] after the last swapped word, which shifts every
@@ -20,7 +20,7 @@ Differences from the authors' `seq_aligner.py` (google/prompt-to-prompt):
     tokens) of every old token, so every row of A sums to 1 and the edited map still sums to 1 over
     the tokens (the new word gets the old word's attention mass); swaps with equal token counts pair
     the tokens one-to-one. Where no swap changes the token count our matrix equals theirs.
-  * inserted tokens of a refinement get mapper[j] = j (theirs: -1, i.e. position 76); the alpha of 0
+  * inserted tokens of a refinement get mapper[j] = j (theirs: -1, i.e. position 76); the weight 0 in `aligned`
     ignores it. Otherwise the refinement (scores, tie-breaking, BOS/EOS included, the identity j -> j
     past the target's end) is theirs.
 
@@ -35,16 +35,27 @@ import unicodedata
 import numpy as np
 import torch
 
+from models.errors import UserError
 from models.tokenizer import MAX_LENGTH, CLIPTokenizer
 
 GAP, MATCH, MISMATCH = 0, 1, -1  # Needleman-Wunsch scores used by the authors
 LEFT, UP, DIAG = 1, 2, 3  # traceback moves: target token inserted, source token dropped, aligned
 
 
-def word_positions(tokenizer: CLIPTokenizer, prompt: str, word: str | int) -> list[int]:
-    """Token positions (in the 77-long sequence, BOS at 0) of `word` in `prompt`: every occurrence of a
-    word or phrase, or the word at index `word`. Raises ValueError naming the prompt's words if absent."""
-    return tokenizer.word_token_indices(prompt, word)
+def word_occurrences(tokenizer: CLIPTokenizer, prompts: list[str], word: str, what: str) -> list[tuple[int, list[int]]]:
+    """(prompt index b, token positions of `word` in prompt b) for every prompt that contains the word (a word or
+    phrase, in the 77-long sequence with BOS at 0). Raises ValueError naming `what` and the prompts if none does."""
+    found = []
+    for b, prompt in enumerate(prompts):
+        try:
+            found.append((b, tokenizer.word_token_indices(prompt, word)))
+        except ValueError:
+            pass
+    if not found:
+        words = ", ".join(w for w, _ in tokenizer.word_spans(prompts[0])) if prompts else ""
+        raise UserError(f"{what} word {word!r} is in none of the prompts " + "; ".join(repr(p) for p in prompts)
+                        + f" (the words of the first: {words})")
+    return found
 
 
 def _content_length(tokenizer, prompt):
@@ -71,8 +82,8 @@ def replace_mapper(tokenizer: CLIPTokenizer, source: str, target: str) -> torch.
     """
     src_words, tgt_words = tokenizer.word_spans(source), tokenizer.word_spans(target)
     if len(src_words) != len(tgt_words):
-        raise ValueError(f"a word swap needs prompts with the same number of words: {source!r} has "
-                         f"{len(src_words)}, {target!r} has {len(tgt_words)}; use mode='refine' to add words")
+        raise UserError(f"a word swap needs prompts with the same number of words: {source!r} has "
+                        f"{len(src_words)}, {target!r} has {len(tgt_words)}; use mode='refine' to add words")
     src_eos = 1 + _content_length(tokenizer, source)
     tgt_eos = 1 + _content_length(tokenizer, target)
 
@@ -146,28 +157,28 @@ def global_align(x: list[int], y: list[int]) -> list[int]:
 
 
 def refine_mapper(tokenizer: CLIPTokenizer, source: str, target: str) -> tuple[torch.LongTensor, torch.Tensor]:
-    """(mapper (77,), alphas (77,)) for adding (or removing) words, by aligning the token-id sequences.
+    """(mapper (77,), aligned (77,)) for adding (or removing) words, by aligning the token-id sequences.
 
-    alphas[j] = 1 where target token j is aligned to source token mapper[j], 0 for a new token (whose
+    aligned[j] = 1 where target token j is aligned to source token mapper[j], 0 for a new token (whose
     mapper[j] is j, a valid index that the 0 weight ignores). Past the target's EOS, padding maps to
-    the same position of the source (the authors' identity), with alpha 1.
+    the same position of the source (the authors' identity), with weight 1.
     """
     x, y = _token_ids(tokenizer, source), _token_ids(tokenizer, target)
-    aligned = global_align(x, y)
+    source_of = global_align(x, y)
     mapper = torch.arange(MAX_LENGTH)
-    alphas = torch.ones(MAX_LENGTH)
-    for j, i in enumerate(aligned):
+    aligned = torch.ones(MAX_LENGTH)
+    for j, i in enumerate(source_of):
         if i < 0:
-            alphas[j] = 0.0
+            aligned[j] = 0.0
         else:
             mapper[j] = i
     mapper[len(y):] = torch.arange(len(y), MAX_LENGTH)
-    return mapper, alphas
+    return mapper, aligned
 
 
 def refine_mappers(tokenizer: CLIPTokenizer, source: str, targets: list[str]) -> tuple[torch.LongTensor, torch.Tensor]:
-    """((T, 77), (T, 77)): one refinement (mapper, alphas) per edited prompt."""
+    """((T, 77), (T, 77)): one refinement (mapper, aligned) per edited prompt."""
     if not targets:
         return torch.zeros(0, MAX_LENGTH, dtype=torch.long), torch.zeros(0, MAX_LENGTH)
-    mappers, alphas = zip(*(refine_mapper(tokenizer, source, t) for t in targets))
-    return torch.stack(mappers), torch.stack(alphas)
+    mappers, aligned = zip(*(refine_mapper(tokenizer, source, t) for t in targets))
+    return torch.stack(mappers), torch.stack(aligned)

@@ -5,7 +5,7 @@ names, and where its tokenizer is. It tells the family from the files (model_ind
 sub-folders of a folder, the text encoder's keys of a single file; models/families.py says what
 differs), and refuses, with a message that says what the file is, checkpoints of other models
 (SD 2.x, SDXL, inpainting UNets). LDM's public weights are PyTorch pickles: the runtime reads LDM
-from safetensors only and asks for `p2p convert` (p2p/convert.py) once; SD v1 pickles are read as they
+from safetensors only and asks for `p2p convert` (p2p/files/convert.py) once; SD v1 pickles are read as they
 always were, with `torch.load(weights_only=True)`, which runs no code.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from models.checkpoint import (CheckpointError, IGNORED_KEYS, read_json, read_tensors, split_prefix,
                                unet_from_compvis, vae_from_compvis, vae_from_diffusers)
+from models.errors import MissingFileError
 from models.families import FAMILIES, Family, family
 from models.presets import ModelConfig, load_toml, preset, unet_config_from_diffusers, vae_config_from_diffusers
 
@@ -23,7 +24,7 @@ UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 SD_V1_TELL = UNET + "output_blocks.11.0.skip_connection.weight"  # diffusers' own test for an SD v1 file
 CROSS_K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 NATIVE_CONFIG, NATIVE_WEIGHTS = "model.toml", "model.safetensors"
-EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"  # the model trained by p2p.train, shipped with p2p
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"  # the model trained by p2p.world.train, shipped with p2p
 LDM_TELL = TEXT + "attn_layers."  # LDM's x-transformers text encoder (SD v1: cond_stage_model.transformer.text_model.)
 WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
                 "text": ("model", "pytorch_model")}  # file names in a diffusers folder, before the extension
@@ -43,12 +44,12 @@ def read_model(path: str | Path, *, variant: str | None = None, ema: bool = True
         return read_folder(path, variant, pickles)
     if path.is_file():
         return (*read_single_file(path, config, ema, pickles), None)
-    raise FileNotFoundError(f"model not found: {path} (give a diffusers folder (SD v1: unet/ vae/ text_encoder/ "
-                            "tokenizer/; LDM: unet/ vqvae/ bert/ tokenizer/), a single .safetensors checkpoint "
-                            "(`p2p download` fetches them), or `embedded` for the small model shipped with p2p)")
+    raise MissingFileError(f"model not found: {path} (give a diffusers folder (SD v1: unet/ vae/ text_encoder/ "
+                           "tokenizer/; LDM: unet/ vqvae/ bert/ tokenizer/), a single .safetensors checkpoint "
+                           "(`p2p download` fetches them), or `embedded` for the small model shipped with p2p)")
 
 
-# --- native folders: what p2p.train exports, e.g. the embedded default model --------------------------
+# --- native folders: what p2p.world.train exports, e.g. the embedded default model --------------------------
 
 def read_native(path: Path):
     """A native model folder: model.toml (a ModelConfig), model.safetensors (the three networks under the
@@ -130,8 +131,7 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
     sched = path / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         cfg = replace(cfg, ddim=fam.scheduler_defaults.updated(read_json(sched)))
-    n = cfg.unet.sample_size  # the authors' choices, relative to the native latent size
-    cfg = replace(cfg, image_size=n * cfg.vae_scale, **fam.p2p_defaults(n))
+    cfg = replace(cfg, image_size=cfg.unet.sample_size * cfg.vae_scale)
     if cfg.unet.cross_attention_dim != cfg.text.width:
         raise CheckpointError(f"{path}: the UNet cross-attends to width {cfg.unet.cross_attention_dim} but the text "
                               f"encoder is {cfg.text.width} wide (SD v1: 768 and 768, LDM: 1280 and 1280)")

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from models.errors import UserError
+
 __all__ = ["DownloadError", "ManifestError", "UnknownModelError", "UnverifiedFileWarning",
            "load_manifest", "validate_manifest", "list_models", "download", "sha256_file"]
 
@@ -47,15 +49,15 @@ TIMEOUT_S = 60
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A file could not be fetched, or its content failed verification."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """The weights manifest is missing or malformed."""
 
 
-class UnknownModelError(KeyError, ValueError):
+class UnknownModelError(KeyError, UserError):
     """The requested model name is not in the manifest."""
 
     def __str__(self) -> str:  # KeyError would show the repr of the message
@@ -72,8 +74,8 @@ def load_manifest(path: str | Path | None = None) -> dict:
     """Read and validate the manifest (default: the repository's ``weights_manifest.json``,
     or a copy installed next to this module as package data)."""
     if path is None:
-        here = Path(__file__).resolve().parent
-        candidates = [here.parent / MANIFEST_NAME, here / MANIFEST_NAME]
+        package = Path(__file__).resolve().parents[1]  # p2p/
+        candidates = [package.parent / MANIFEST_NAME, package / MANIFEST_NAME]
         path = next((p for p in candidates if p.is_file()), candidates[0])
     path = Path(path)
     try:
@@ -166,13 +168,13 @@ def download(name: str, dest: str | Path, *, manifest: dict | None = None,
 def verify_shipped(name: str, entry: dict) -> Path:
     """A model that ships inside this repository (the embedded default): nothing to fetch; its files are
     checked against the manifest and its folder (`--model`) returned."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     for spec in entry["files"]:
         path = repo / spec["path"]
         problem = _problem(path, spec["size"], spec["sha256"]) if path.is_file() else "missing"
         if problem:
             raise DownloadError(f"{name} ships with p2p at {path}, but that file is {problem}; restore it with "
-                                f"`git checkout -- {spec['path']}` (or retrain: {entry.get('note', 'p2p.train')})")
+                                f"`git checkout -- {spec['path']}` (or retrain: {entry.get('note', 'p2p.world.train')})")
     return repo / Path(entry["files"][0]["path"]).parent
 
 
