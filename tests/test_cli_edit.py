@@ -6,10 +6,12 @@ import pytest
 from PIL import Image
 
 from p2p.cli import main as cli
-from p2p.edit import EditSettings
+from p2p.core.settings import EditSettings
+from p2p.files.output import MIN_TILE
 from tests.tiny import reference_pipeline
 
 FAST = ["--steps", "4", "--height", "64", "--width", "64", "--device", "cpu", "--quiet"]
+TILE = max(64, MIN_TILE)  # sheets magnify the 64 px images to at least MIN_TILE
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_edit_writes_source_edits_and_grid_with_settings(model, tmp_path):
     # the settings stored in the PNG rebuild the edit
     stored = {k: v for k, v in s.items() if k not in ("command", "index", "model")}
     assert EditSettings.from_dict(stored).prompts == ["a cat on a chair", "a dog on a chair", "a tyrannosaurus on a chair"]
-    assert Image.open(out / "grid.png").size[0] == 3 * 64
+    assert Image.open(out / "grid.png").size[0] == 3 * TILE
 
 
 def test_edit_source_equals_generate(model, tmp_path):
@@ -63,7 +65,7 @@ def test_edit_from_a_config_file_with_flag_overrides(model, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--target", "a big dog on a chair"], "same number of words"),
     (["--target", "a dog on a chair", "--blend", "horse"], "local blend word 'horse' is in none of the prompts"),
-    (["--target", "a dog on a chair", "--self-replace", "1.5"], r"self_replace must be a fraction"),
+    (["--target", "a dog on a chair", "--self-replace", "1.5"], r"--self-replace: must be a fraction .*got 1.5"),
 ])
 def test_edit_errors_are_one_line(model, tmp_path, capsys, args, message):
     out = tmp_path / "o"
@@ -80,12 +82,12 @@ def test_sweep_grid(model, tmp_path):
     assert cli(["sweep", "--model", model, "--prompt", "a cat on a chair", "--target", "a dog on a chair",
                 "--param", "cross_replace", "--values", "0,0.5,1", "--out", str(out), *FAST]) == 0
     img = Image.open(out)
-    assert img.size[0] == 4 * 64  # the source, then one column per value
+    assert img.size[0] == 4 * TILE  # the source, then one column per value
     assert json.loads(img.text["p2p"])["values"] == ["0.0", "0.5", "1.0"]
     out = tmp_path / "layers.png"
     assert cli(["sweep", "--model", model, "--prompt", "a cat on a chair", "--target", "a dog on a chair",
                 "--param", "self_res", "--values", "8,4;2", "--out", str(out), *FAST]) == 0
-    assert Image.open(out).size[0] == 3 * 64
+    assert Image.open(out).size[0] == 3 * TILE
 
 
 def test_attention_sheet(model, tmp_path):

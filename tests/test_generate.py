@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from p2p.cli import main as cli
-from p2p.controllers import Controller, GuidanceLayout
-from p2p.pipeline import Pipeline
+from p2p.core.controller import Controller, GuidanceLayout
+from p2p.core.pipeline import Pipeline
 from tests.tiny import reference_pipeline
 
 
@@ -118,3 +118,31 @@ def test_cli_download_list_and_unknown_name(capsys):
     assert cli(["download", "sd-v9", "--dir", "unused"]) == 2
     err = capsys.readouterr().err
     assert "sd-v9" in err and "sd-v1-5" in err
+
+
+def test_1000_steps_match_diffusers_where_it_runs():
+    """SD v1's schedule ("leading", steps_offset 1) at 1000 steps: diffusers' timesteps are 1000, ..., 1 and its
+    step indexes alpha_bar[1000] (an IndexError, diffusers issue #10003). Ours drop the offset there and so are
+    diffusers' without it, 999, ..., 0, step for step; the step counts diffusers runs are unchanged."""
+    from diffusers import DDIMScheduler
+
+    from models.ddim import DDIM
+
+    sd = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+              set_alpha_to_one=False)
+    with_offset, without = DDIMScheduler(**sd, steps_offset=1), DDIMScheduler(**sd, steps_offset=0)
+    with_offset.set_timesteps(1000)
+    assert with_offset.timesteps[0] == 1000  # the cause: one past the last training timestep
+    without.set_timesteps(1000)
+    ours = DDIM()
+    assert ours.timesteps(1000) == without.timesteps.tolist() == list(range(999, -1, -1))
+    g = torch.Generator().manual_seed(0)
+    z = z_ref = torch.randn(1, 4, 8, 8, generator=g)
+    for t in ours.timesteps(1000):
+        eps = torch.randn(z.shape, generator=g)
+        z_ref = without.step(eps, t, z_ref).prev_sample
+        z = ours.step(eps, t, z, 1000)
+    assert torch.isfinite(z).all() and (z - z_ref).abs().max() <= 1e-4 * z_ref.abs().max()
+    for steps in (999, 500, 334, 50):  # every count diffusers can run keeps its timesteps (offset 1)
+        with_offset.set_timesteps(steps)
+        assert ours.timesteps(steps) == with_offset.timesteps.tolist()

@@ -1,0 +1,336 @@
+"""What each `p2p` command does.
+
+Every command checks first what needs only the arguments (flags, the --config file, output paths, a
+photo or a saved inversion, the prompt's words), then loads the model, then computes, then writes: an
+image through `save_image` (a temporary name renamed when complete), `edit`'s and `eval`'s several
+files through a temporary sibling folder moved in at the end, so that an error or Ctrl-C leaves nothing
+half-written.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+from models.errors import UserError
+
+from p2p.files.output import check_output, save_image, staged_folder
+
+from .args import rule_message
+from .checks import check_edit, check_size, edit_settings, read_inverted, warn_unknown_words
+
+
+def load_pipeline(args):
+    from p2p.core.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                                    variant=args.variant, ema=not args.no_ema, config=args.model_config)
+
+
+# --- generate, edit, invert ----------------------------------------------------------------------------------
+
+def generation_settings(args, pipe) -> dict:
+    """Everything that fixes the image, resolved against the model's defaults (stored in the PNG)."""
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return {"model": str(args.model), "seed": pick(args.seed, 0), "steps": pick(args.steps, pipe.cfg.steps),
+            "guidance": pick(args.guidance, pipe.cfg.guidance), "height": pick(args.height, pipe.cfg.image_size),
+            "width": pick(args.width, pipe.cfg.image_size), "eta": pick(args.eta, 0.0),
+            "negative_prompt": args.negative_prompt or "", "dtype": str(pipe.dtype).removeprefix("torch.")}
+
+
+def cmd_generate(args) -> int:
+    check_output(args.out)
+    check_size(args, args.height, args.width)
+    warn_unknown_words(args, [args.prompt, args.negative_prompt])
+    pipe = load_pipeline(args)
+    s = generation_settings(args, pipe)
+    pipe.latent_shape(s["height"], s["width"])  # a size this model cannot take fails before sampling
+    t0 = time.perf_counter()
+    (image,) = pipe.generate(args.prompt, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                             height=s["height"], width=s["width"], eta=s["eta"],
+                             negative_prompt=s["negative_prompt"], low_memory=bool(args.low_memory),
+                             progress=not args.quiet)
+    out = save_image(image, args.out, {"command": "generate", "prompt": args.prompt, **s})
+    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s on {pipe.device})")
+    return 0
+
+
+def prepare_edit(args):
+    """The checks of edit, sweep and attention before the model loads: -> (inverted, settings)."""
+    inverted = read_inverted(args)
+    settings = edit_settings(args)
+    check_size(args, settings.height, settings.width)
+    warn_unknown_words(args, [*settings.prompts, settings.negative_prompt])
+    return inverted, settings
+
+
+def invert_photo(args, pipe, prompt, steps, guidance):
+    """`invert` with the photo and the inversion flags of the command line."""
+    from p2p.core.inversion import invert
+
+    return invert(pipe, args.image, prompt, args.inversion or "null-text", steps=steps, guidance=guidance,
+                  inner_steps=args.inner_steps, early_stop=args.early_stop, progress=not args.quiet)
+
+
+def inversion_of(args, pipe, settings, inverted):
+    """The inversion an edit starts from (None: a generated image) and what the PNGs record about it."""
+    if inverted is not None:
+        return inverted, {"inverted": str(args.inverted), "inversion": inverted.method}
+    if not args.image:
+        return None, {}
+    inv = invert_photo(args, pipe, settings.prompt, settings.steps, settings.guidance)
+    return inv, {"image": str(args.image), "inversion": inv.method}
+
+
+def cmd_edit(args) -> int:
+    from p2p.core.run import run_edit, save_edit
+
+    check_output(args.out_dir, folder=True)
+    inverted, _ = prepare_edit(args)
+    pipe = load_pipeline(args)
+    settings = edit_settings(args, pipe.cfg)
+    t0 = time.perf_counter()
+    inversion, extra = inversion_of(args, pipe, settings, inverted)
+    result = run_edit(pipe, settings, progress=not args.quiet, inversion=inversion)
+    with staged_folder(args.out_dir) as tmp:  # 0.png, 1.png, ..., grid.png appear together or not at all
+        paths = save_edit(result, tmp, {"model": str(args.model), **extra})
+    print(f"wrote {len(paths)} images to {args.out_dir} ({time.perf_counter() - t0:.1f} s on {pipe.device})")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from p2p.core.inversion import reconstruct
+    from p2p.files.images import load_image, open_image, psnr
+
+    out = check_output(args.out, suffixes=(".safetensors",))
+    if args.reconstruction:
+        check_output(args.reconstruction, flag="--reconstruction")
+    open_image(args.image)  # an unreadable photo fails before the model loads
+    warn_unknown_words(args, [args.prompt])
+    pipe = load_pipeline(args)
+    inv = invert_photo(args, pipe, args.prompt, args.steps, args.guidance)
+    inv.info.update(image=str(args.image), model=str(args.model))
+    try:
+        inv.save(out)
+    finally:  # Inversion.save writes NAME.tmp, then renames it: an interrupted save leaves nothing
+        out.with_name(out.name + ".tmp").unlink(missing_ok=True)
+    msg = (f"wrote {out}: {inv.method} inversion, {inv.steps} steps, guidance {inv.guidance} "
+           f"({inv.info['seconds']:.1f} s on {pipe.device})")
+    if args.reconstruction:
+        (image,) = pipe.decode(reconstruct(pipe, inv, progress=not args.quiet))
+        save_image(image, args.reconstruction, {"command": "invert", "inverted": str(out), "prompt": inv.prompt,
+                                                "inversion": inv.method, "model": str(args.model)})
+        score = psnr(image, load_image(args.image, pipe.cfg.image_size))
+        msg += f"; reconstruction {args.reconstruction}: PSNR {score:.2f} dB against the prepared photo"
+    print(msg)
+    return 0
+
+
+# --- sheets: sweep, attention ----------------------------------------------------------------------------------
+
+SWEEP_NUMBERS = ("blend_threshold", "blend_start", "guidance", "eta", "steps", "seed")
+SWEEP_WINDOWS = ("cross_replace", "self_replace")
+SWEEP_RES = ("cross_res", "self_res")
+
+
+def sweep_values(param: str, text: str) -> list:
+    """--values for --param, each checked: numbers "0,0.4,0.8"; windows "0,0.4;0.2,0.8"; sets "16,8;16"."""
+    from p2p.core.controller import as_window
+
+    if not (param in SWEEP_NUMBERS + SWEEP_WINDOWS + SWEEP_RES or param.startswith("reweight:") and param[9:]):
+        raise UserError(f"--param {param!r} cannot be swept: use one of {', '.join(SWEEP_WINDOWS + SWEEP_NUMBERS)}, "
+                        f"{', '.join(SWEEP_RES)} or reweight:WORD")
+    try:
+        if param in SWEEP_RES:
+            values = [tuple(int(x) for x in group.split(",")) for group in text.split(";")]
+        elif ";" in text:
+            values = [tuple(float(x) for x in v.split(",")) if "," in v else float(v) for v in text.split(";")]
+        else:
+            values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--values {text!r}: give numbers separated by commas (e.g. 0,0.4,0.8), or windows and "
+                        "resolution sets separated by ';' (e.g. '0,0.4;0.2,0.8' or '16,8;16')") from None
+    for i, v in enumerate(values):
+        if param in ("steps", "seed") and float(v).is_integer():
+            values[i] = v = int(v)
+        if param in SWEEP_WINDOWS:
+            as_window(v, f"--values of {param}")
+        elif param in SWEEP_NUMBERS:
+            problem = rule_message(param, v)
+            if problem:
+                raise UserError(f"--values: {param} {problem}")
+        elif param in SWEEP_RES:
+            if not all(r >= 1 for r in v):
+                raise UserError(f"--values: {param} takes positive sides (e.g. '16,8;16'), got {text!r}")
+        elif not all(math.isfinite(c) for c in (v if isinstance(v, tuple) else (v,))):
+            raise UserError(f"--values: the fader values C of {param} must be finite numbers, got {text!r}")
+    return values
+
+
+def with_value(settings, param: str, value):
+    """The settings with one swept value, for the checks before the model loads (sites need the model)."""
+    if param.startswith("reweight:"):
+        return replace(settings, reweight={**settings.reweight, param[9:]: value})
+    return settings if param in SWEEP_RES else replace(settings, **{param: value})
+
+
+def cmd_sweep(args) -> int:
+    from p2p.core.run import sweep
+
+    check_output(args.out)
+    inverted = read_inverted(args)
+    settings = edit_settings(args, check=False)
+    values = sweep_values(args.param, args.values)
+    for v in values:
+        check_edit(with_value(settings, args.param, v))
+    check_size(args, settings.height, settings.width)
+    warn_unknown_words(args, [*settings.prompts, settings.negative_prompt])
+    pipe = load_pipeline(args)
+    settings = edit_settings(args, pipe.cfg)
+    inversion, extra = inversion_of(args, pipe, settings, inverted)
+    sheet, _ = sweep(pipe, settings, args.param, values, progress=not args.quiet, inversion=inversion)
+    out = save_image(sheet, args.out, {"command": "sweep", "param": args.param, "values": [str(v) for v in values],
+                                       "model": str(args.model), **extra, **settings.to_dict()})
+    print(f"wrote {out}")
+    return 0
+
+
+def check_maps(args, pipe, steps: int) -> None:
+    """--res among the model's cross-attention sides, and a --window that covers at least one step."""
+    from p2p.core.controller import step_range
+
+    have = sorted({s.res for s in pipe.unet.sites if s.kind == "cross" and s.place in args.places}, reverse=True)
+    if args.res not in have:
+        raise UserError(f"--res {args.res}: this model's cross-attention maps in {','.join(args.places)} are at res "
+                        f"{', '.join(map(str, have))}; give one of them")
+    if args.window is not None:
+        lo, hi = step_range(args.window, steps)
+        if lo >= hi:
+            raise UserError(f"--window {args.window} covers none of the {steps} steps; widen it")
+
+
+def cmd_attention(args) -> int:
+    from p2p.core.attention_maps import component_sheet, self_attention_components, token_maps, token_sheet
+    from p2p.core.inversion import reconstruct
+    from p2p.core.run import run_edit
+    from p2p.core.sites import SiteSelection
+    from p2p.core.store import AttentionStore
+    from p2p.files.output import grid
+
+    out = check_output(args.out)
+    self_out = out.with_name(f"{out.stem}-self{out.suffix}")
+    if args.self_components:
+        check_output(self_out, flag="the self-attention sheet")
+    inverted = read_inverted(args)
+    kinds = ("cross", "self") if args.self_components else ("cross",)
+    sites = SiteSelection(kinds=kinds, places=args.places, res=(args.res,))
+    store = AttentionStore(sites, window=args.window)  # only what is shown
+    editing = bool(args.target or args.mode or args.reweight or args.edit_config)
+    settings = None
+    if editing or args.image or inverted:
+        settings = edit_settings(args, check=editing)
+        prompts = [*settings.prompts, settings.negative_prompt]
+        check_size(args, settings.height, settings.width)
+    elif args.prompt is None:
+        raise UserError("attention needs --prompt: the prompt whose maps are shown")
+    else:
+        prompts = [args.prompt, args.negative_prompt]
+        check_size(args, args.height, args.width)
+    warn_unknown_words(args, prompts)
+    pipe = load_pipeline(args)
+    steps = inverted.steps if inverted else (settings.steps if settings else None) or args.steps or pipe.cfg.steps
+    check_maps(args, pipe, steps)
+    extra = {}
+    if settings is not None:
+        settings = edit_settings(args, pipe.cfg)
+        inversion, extra = inversion_of(args, pipe, settings, inverted)
+        if editing:
+            result = run_edit(pipe, settings, controller=store, progress=not args.quiet, inversion=inversion)
+            prompts, images = settings.prompts, result.images
+        else:  # a photo's own maps: those of its reconstruction
+            inversion.settle(settings)  # refuses settings this inversion cannot honour
+            prompts = [inversion.prompt]
+            images = pipe.decode(reconstruct(pipe, inversion, controller=store, progress=not args.quiet))
+    else:
+        s = generation_settings(args, pipe)
+        pipe.latent_shape(s["height"], s["width"])
+        prompts = [args.prompt]
+        images = pipe.generate(args.prompt, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                               height=s["height"], width=s["width"], eta=s["eta"], controller=store,
+                               negative_prompt=s["negative_prompt"], progress=not args.quiet)
+    sheets = [token_sheet(img, token_maps(store, pipe.tokenizer, p, i, sites))
+              for i, (p, img) in enumerate(zip(prompts, images))]
+    sheet = sheets[0] if len(sheets) == 1 else grid(sheets, prompts, rows=len(sheets))
+    components = (component_sheet(self_attention_components(store, sites, 0, args.self_components))
+                  if args.self_components else None)
+    meta = {"command": "attention", "prompts": prompts, "res": args.res, "places": list(args.places),
+            "model": str(args.model), "seed": args.seed or 0, **extra}
+    save_image(sheet, out, meta)
+    if components is not None:
+        save_image(components, self_out, meta)
+    print(f"wrote {out}")
+    return 0
+
+
+# --- eval, vocab, download, convert ------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from p2p.world.evaluate import evaluate, save
+
+    if args.out_dir:
+        check_output(args.out_dir, folder=True)
+    pipe = load_pipeline(args)
+    run = lambda examples: evaluate(pipe, n=args.n, seed=args.seed or 0, steps=args.steps,  # noqa: E731
+                                    progress=not args.quiet, examples=examples)
+    if not args.out_dir:
+        report = run(None)
+    else:
+        with staged_folder(args.out_dir) as tmp:  # eval.json, eval.md and examples/ appear together
+            report = run(tmp / "examples")
+            save(report, tmp / "eval.json")
+            (tmp / "eval.md").write_text(report.table() + "\n")
+    print(report.table())
+    return 0
+
+
+def cmd_vocab(args) -> int:
+    from p2p.world import scenes
+
+    groups = [("size", scenes.SIZES), ("colour", tuple(scenes.COLOURS)),
+              ("pattern", tuple(p for p in scenes.PATTERNS if p != "plain")), ("shape", scenes.SHAPES)]
+    listed = {w for _, words in groups for w in words}
+    groups.append(("other", tuple(w for w in scenes.vocabulary() if w not in listed)))
+    print("The embedded model knows the words of its scene captions (p2p/world/scenes.py):\n"
+          "  a {size} {colour} [{pattern}] {shape} [and a {size} {colour} [{pattern}] {shape}] "
+          "on a {colour} background\n"
+          "e.g. 'a big red striped square and a small blue circle on a green background'\n")
+    notes = {"colour": "  (objects and backgrounds)", "pattern": "  (plain: no pattern word)"}
+    for name, words in groups:
+        print(f"{name:8s} {' '.join(words)}{notes.get(name, '')}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from p2p.files import download as dl
+
+    if args.list or not args.name:
+        for name in dl.list_models():
+            print(f"{name:28s} {dl.load_manifest()[name]['description']}")
+        return 0
+    path = dl.download(args.name, args.dir, progress=not args.quiet)
+    print(f"downloaded {args.name} to {path}; use it with --model {path}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from p2p.files.convert import convert
+
+    t0 = time.perf_counter()
+    out = convert(args.src, args.dst, tokenizer=args.tokenizer, config=args.model_config, ema=not args.no_ema)
+    print(f"wrote {out} (safetensors, {time.perf_counter() - t0:.1f} s); use it with --model {out}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "edit": cmd_edit, "invert": cmd_invert, "sweep": cmd_sweep,
+            "attention": cmd_attention, "eval": cmd_eval, "vocab": cmd_vocab, "download": cmd_download,
+            "convert": cmd_convert}
