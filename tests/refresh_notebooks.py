@@ -11,10 +11,10 @@ the fresh ones.
 
 Execution is pinned so that it repeats bit for bit on one machine: the kernel runs with one CPU thread
 (PyTorch's CPU kernels sum in another order on another number of threads), a fixed hash seed, in a
-temporary working directory, with no timing metadata and with consecutive prints merged into one
-output (the kernel flushes them in timing-dependent chunks); figures are kept as PNG only (IPython would add a
-JPEG copy of every PIL image). A cell that raises stops the refresh, naming the
-cell; nothing is written then.
+temporary working directory, with no timing metadata, with consecutive prints merged into one output
+(the kernel flushes them in timing-dependent chunks), and with figures as PNG only (IPython would add a
+JPEG copy of every PIL image). A cell that raises stops the refresh, naming the cell; nothing is
+written then.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def execute(path: Path) -> nbformat.NotebookNode:
     nb = clear_outputs(nbformat.read(path, as_version=4))
     with tempfile.TemporaryDirectory(prefix="p2p-notebook-") as cwd:
         client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3", record_timing=False,
-                                         coalesce_streams=True, extra_arguments=KERNEL_ARGS, resources={"metadata": {"path": cwd}})
+                                         coalesce_streams=True, extra_arguments=KERNEL_ARGS,
+                                         resources={"metadata": {"path": cwd}})
         client.execute(env={**os.environ, **KERNEL_ENV})
     return nb
 
