@@ -110,10 +110,7 @@ def cmd_invert(args) -> int:
     pipe = load_pipeline(args)
     inv = invert_photo(args, pipe, args.prompt, args.steps, args.guidance)
     inv.info.update(image=str(args.image), model=str(args.model))
-    try:
-        inv.save(out)
-    finally:  # Inversion.save writes NAME.tmp, then renames it: an interrupted save leaves nothing
-        out.with_name(out.name + ".tmp").unlink(missing_ok=True)
+    inv.save(out)  # whole or not at all
     msg = (f"wrote {out}: {inv.method} inversion, {inv.steps} steps, guidance {inv.guidance} "
            f"({inv.info['seconds']:.1f} s on {pipe.device})")
     if args.reconstruction:

@@ -152,8 +152,11 @@ class Inversion:
         meta = {"format": FORMAT, "prompt": self.prompt, "method": self.method, "steps": self.steps,
                 "guidance": self.guidance, "image_size": list(self.image_size), "info": self.info}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={KEY: json.dumps(meta)})
-        os.replace(tmp, path)
+        try:  # written whole under a temporary name, then renamed: an error or Ctrl-C leaves nothing
+            save_file(tensors, str(tmp), metadata={KEY: json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
