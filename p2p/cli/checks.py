@@ -8,7 +8,6 @@ import json
 import math
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from models.errors import UserError
@@ -72,7 +71,6 @@ def edit_settings(args, cfg=None, check: bool = True):
     `cfg` (the model's config), site selections given by flags start from the model's defaults. Without
     it (before the model loads) the settings are also checked (`check_edit`) unless `check` is False."""
     from p2p.core.settings import EditSettings
-    from p2p.core.sites import SiteSelection, p2p_defaults
 
     base = EditSettings.from_toml(args.edit_config).to_dict() if args.edit_config else {}
     flags = {"prompt": args.prompt, "targets": tuple(args.target) if args.target else None, "mode": args.mode,
@@ -97,11 +95,8 @@ def edit_settings(args, cfg=None, check: bool = True):
     if args.self_max_res is not None:
         sel["self"]["max_res"] = None if args.self_max_res == "all" else args.self_max_res
     for kind in ("cross", "self"):
-        if sel[kind]:
-            current = getattr(s, f"{kind}_sites")
-            if current is None:  # the model's default selection, known once the model is read
-                current = SiteSelection() if cfg is None else getattr(p2p_defaults(cfg), f"{kind}_sites")
-            s = replace(s, **{f"{kind}_sites": replace(current, **sel[kind])})  # checks the values
+        if sel[kind]:  # from the model's default selection once the model is read; the values are checked
+            s = s.with_sites(kind, cfg, **sel[kind])
     if cfg is None and check:
         check_edit(s)
     return s
@@ -109,16 +104,14 @@ def edit_settings(args, cfg=None, check: bool = True):
 
 def check_edit(s) -> None:
     """What can be checked of an edit without the tokenizer (it checks the words once the model is read)."""
-    from p2p.core.controller import as_window
+    from p2p.core.settings import check_windows
 
     if s.mode != "reweight" and not s.targets:
         raise UserError(f"mode {s.mode!r} needs an edited prompt: add --target P*, or reweight words of the prompt "
                         "itself with --mode reweight --reweight WORD=C")
     if s.mode == "reweight" and not s.reweight:
         raise UserError("mode 'reweight' needs the words to reweight: add --reweight WORD=C (e.g. striped=2)")
-    as_window(s.self_replace, "self_replace")
-    for v in (s.cross_replace.values() if isinstance(s.cross_replace, dict) else [s.cross_replace]):
-        as_window(v, "cross_replace")
+    check_windows(s)
     columns = len(s.prompts) - 1
     for word, c in s.reweight.items():
         values = list(c) if isinstance(c, (list, tuple)) else [c]

@@ -129,9 +129,9 @@ class Controller:
 
     def on_map(self, M: torch.Tensor, site: Site, hw: tuple[int, int]) -> torch.Tensor:
         rows = self.layout.cond
-        cond = M[rows]
-        new = self.edit(cond.float() if self.fp32 else cond, site, hw)
-        if new is cond:
+        given = M[rows].float() if self.fp32 else M[rows]
+        new = self.edit(given, site, hw)
+        if new is given:  # read only: nothing to copy
             return M
         return torch.cat([M[: rows.start], new.to(M.dtype), M[rows.stop:]])
 

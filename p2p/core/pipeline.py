@@ -14,7 +14,6 @@ tokenizer to build (CLIP for Stable Diffusion v1, LDMBert and BERT WordPiece for
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -20,7 +20,6 @@ from .controller import Compose, Controller
 from .inversion import Inversion
 from .pipeline import Pipeline
 from .settings import EditSettings, build_controller
-from .sites import p2p_defaults
 
 
 @dataclass
@@ -82,9 +81,7 @@ def sweep_settings(pipe: Pipeline, settings: EditSettings, param: str, value) ->
     if param.startswith("reweight:"):
         return replace(settings, reweight={**settings.reweight, param.split(":", 1)[1]: value})
     if param in ("cross_res", "self_res"):
-        key = param.replace("_res", "_sites")
-        current = getattr(settings, key) or getattr(p2p_defaults(pipe.cfg), key)
-        return replace(settings, **{key: replace(current, res=tuple(value))})
+        return settings.with_sites(param.removesuffix("_res"), pipe.cfg, res=tuple(value))
     if param in {f.name for f in fields(EditSettings)} - {"prompt", "targets"}:
         return replace(settings, **{param: value})
     raise UserError(f"cannot sweep {param!r}: use {SWEEPABLE}")

@@ -12,7 +12,7 @@ settings reproduce; the resolution-dependent ones follow the model (p2p/core/sit
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +72,15 @@ class EditSettings:
                        height=self.height or model.image_size, width=self.width or model.image_size,
                        self_sites=self.self_sites or d.self_sites, blend_sites=self.blend_sites or d.blend_sites)
 
+    def with_sites(self, kind: str, model: ModelConfig | None, **changes) -> EditSettings:
+        """The settings with `{kind}_sites` (cross, self or blend) changed, starting from the model's default
+        selection when it is unset (from every site when `model` is None: only the values are checked then)."""
+        key = f"{kind}_sites"
+        current = getattr(self, key)
+        if current is None:
+            current = SiteSelection() if model is None else getattr(p2p_defaults(model), key)
+        return replace(self, **{key: replace(current, **changes)})
+
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
@@ -127,14 +136,20 @@ def check(settings: EditSettings, tokenizer) -> None:
         if any(t != s.prompt for t in s.targets):
             raise UserError("mode 'reweight' edits the prompt itself (targets equal to the prompt); to reweight "
                             "words of a changed prompt, use mode 'replace' or 'refine' with reweight=...")
-    as_window(s.self_replace, "self_replace")
-    for v in (s.cross_replace.values() if isinstance(s.cross_replace, dict) else [s.cross_replace]):
-        as_window(v, "cross_replace")
+    check_windows(s)
     for p in s.prompts:
         n = tokenizer.count(p)
         if n > 77:
             raise UserError(f"the prompt {p!r} is {n} tokens, more than the 77 the text encoder takes; "
                             "shorten it (an edit aligns tokens, so it cannot run on a truncated prompt)")
+
+
+def check_windows(settings: EditSettings) -> None:
+    """Raise a ValueError naming the setting if an injection window is not a fraction or (start, end) in [0, 1]."""
+    as_window(settings.self_replace, "self_replace")
+    cross = settings.cross_replace
+    for v in (cross.values() if isinstance(cross, dict) else [cross]):
+        as_window(v, "cross_replace")
 
 
 def build_controller(settings: EditSettings, tokenizer, steps: int, model: ModelConfig = PRESETS["sd-v1"]):
