@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from p2p.world import scenes
 from p2p.core.settings import EditSettings
-from p2p.files.output import grid
+from p2p.files.output import grid, save_image
 from p2p.core.run import run_edit
 from p2p.files.images import psnr
 from p2p.world.judge import centroid_shift, iou, judge
@@ -192,10 +192,11 @@ def evaluate(pipe, n: int = 24, seed: int = 0, steps: int | None = None, progres
             faded = run_edit(pipe, s, progress=False).images[1:]
             fader.append([pattern_contrast(img, src["mask"]) for img in faded])
         if examples is not None:
-            examples.mkdir(parents=True, exist_ok=True)
-            grid([src_img, *p2p[1:], src_img, *plain],  # row 1: P2P, row 2: the baseline
-                 ["source", *[f"P2P {a}" for a in attrs], "source", *[f"baseline {a}" for a in attrs]],
-                 rows=2).save(examples / f"{k:03d}.png")
+            sheet = grid([src_img, *p2p[1:], src_img, *plain],  # row 1: P2P, row 2: the baseline
+                         ["source", *[f"P2P {a}" for a in attrs], "source", *[f"baseline {a}" for a in attrs]], rows=2)
+            save_image(sheet, examples / f"{k:03d}.png",
+                       {"command": "eval", "prompt": case.prompt, "targets": list(targets), "seed": case.seed,
+                        "steps": steps})
     report.alignment = {a: float(np.mean([r[a] for r in align])) for a in align[0]}
     order = [("P2P", a) for a in SWAPS] + [("baseline", a) for a in SWAPS] + [("P2P + local blend", a) for a in OBJECT_SWAPS]
     report.swaps = {key: _mean(rows[key]) for key in sorted(rows, key=order.index)}
