@@ -44,6 +44,62 @@ def test_updates_match_diffusers(eta, clip):
     assert (z - z_ref).abs().max() <= 1e-5
 
 
+ZERO_SNR_V = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                 steps_offset=0, set_alpha_to_one=True)
+
+
+@pytest.mark.parametrize("settings", [dict(prediction_type="v_prediction"), ZERO_SNR_V], ids=["v", "zero-snr-v"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_v_prediction_and_zero_terminal_snr_match_diffusers(settings, eta):
+    ref = DDIMScheduler(**{**SD, **settings})
+    ours = DDIM(DDIMConfig(**settings))
+    assert torch.equal(ours.alpha_bar, ref.alphas_cumprod)
+    if settings.get("rescale_betas_zero_snr"):
+        assert ours.alpha_bar[-1].item() == 0 and ours.alpha_bar[0].item() == pytest.approx(0.99915, abs=1e-5)
+    steps = 10
+    ref.set_timesteps(steps)
+    assert ours.timesteps(steps) == ref.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    z = z_ref = torch.randn(2, 4, 8, 8, generator=g)
+    for t in ours.timesteps(steps):
+        v = torch.randn(z.shape, generator=g)
+        z_ref = ref.step(v, t, z_ref, eta=eta, generator=torch.Generator().manual_seed(t)).prev_sample
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
+        z = ours.step(v, t, z, steps, eta=eta, noise=noise)
+    assert (z - z_ref).abs().max() <= 1e-5
+
+
+def test_v_inversion_step_matches_diffusers_inverse_scheduler():
+    from diffusers import DDIMInverseScheduler
+    settings = dict(prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1)
+    ref = DDIMInverseScheduler(**{**SD, **settings})
+    ours = DDIM(DDIMConfig(**settings))
+    steps = 10
+    ref.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    z = z_ref = torch.randn(1, 4, 8, 8, generator=g)
+    for t_ref, t in zip(ref.timesteps.tolist(), ours.timesteps(steps)[::-1]):
+        v = torch.randn(z.shape, generator=g)
+        z_ref = ref.step(v, t_ref, z_ref).prev_sample
+        z = ours.invert_step(v, t, z, steps)
+    assert (z - z_ref).abs().max() <= 1e-5
+
+
+def test_v_target_is_what_the_step_decodes():
+    """Training on `target` and sampling with `step` agree: the true v at t gives back z_0 and eps."""
+    ddim = DDIM(DDIMConfig(**ZERO_SNR_V))
+    z0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([999, 500, 3])
+    a = ddim.alpha_bar[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    v = ddim.target(z0, eps, t)
+    for i in range(3):
+        eps_hat, z0_hat = ddim.eps_and_z0(v[i], int(t[i]), z_t[i])
+        assert torch.allclose(z0_hat, z0[i], atol=1e-5)
+        if i > 0:  # at alpha_bar_T = 0, z_t is eps itself
+            assert torch.allclose(eps_hat, eps[i], atol=1e-4)
+
+
 def test_step_recovers_z0_when_eps_is_the_true_noise():
     """If eps is the noise that made z_t from z_0, one deterministic step lands on q's mean path exactly."""
     ddim = DDIM()
@@ -66,8 +122,10 @@ def test_invert_step_undoes_step():
 def test_bad_settings():
     with pytest.raises(ValueError, match="between 1 and 1000"):
         DDIM().timesteps(0)
-    with pytest.raises(ValueError, match="v_prediction.*SD 2"):
-        DDIM(DDIMConfig(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="'epsilon' or 'v_prediction'"):
+        DDIM(DDIMConfig(prediction_type="sample"))
+    with pytest.raises(ValueError, match="zero_snr needs prediction_type 'v_prediction'"):
+        DDIM(DDIMConfig(rescale_betas_zero_snr=True))
     with pytest.raises(ValueError, match="eta > 0 needs a noise"):
         DDIM().step(torch.zeros(1), 981, torch.zeros(1), 50, eta=0.5)
 
