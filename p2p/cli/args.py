@@ -58,6 +58,7 @@ RULES = {
     "early_stop": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0", ""),
     "res": (lambda v: _is_int(v) and v >= 1, "a positive side of an attention grid, e.g. 16", ""),
     "self_components": (lambda v: _is_int(v) and v >= 0, "a number of components (0: none)", ""),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive number of prompts", ""),
 }
 
 
@@ -363,6 +364,19 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=checked("seed"), help="seed of the scenes and of z_T (default 0)")
     add_steps_arg(p)
     p.add_argument("--out-dir", help="also write eval.json, eval.md and a grid per scene here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("run", "run an experiment file: a grid of edits with a results table, resumable, sharded "
+                "over processes by torchrun (see configs/experiments/)")
+    p.add_argument("experiment", help="an experiment TOML file (configs/experiments/)")
+    p.add_argument("--out-dir", required=True, help="jobs/<id>/ per job, results.jsonl, summary.md, index.html; "
+                   "a rerun skips the jobs already there")
+    p.add_argument("--batch-size", type=checked("batch_size"), default=8,
+                   help="prompts sampled together in one batch, jobs of one setup packed (default 8)")
+    p.add_argument("--yes", action="store_true", help="run a grid of more than 10,000 jobs")
+    p.add_argument("--device", type=device, help="cuda, cuda:N, mps or cpu (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="dtype to run in (default float16 on a GPU, float32 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("vocab", "the words the embedded model knows (its scene captions' grammar), by attribute")

@@ -290,6 +290,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from p2p.core.pipeline import Pipeline
+    from p2p.experiments.dist import Ranks
+    from p2p.experiments.measures import MEASURES, check_measures
+    from p2p.experiments.runner import run_experiment
+    from p2p.experiments.spec import read_experiment
+
+    check_output(args.out_dir, folder=True)
+    exp = read_experiment(args.experiment, yes=args.yes, known_measures=tuple(MEASURES))  # before any model
+    check_measures(exp.measures, exp.model)
+    ranks = Ranks.from_env()
+    try:
+        pipe = Pipeline.from_pretrained(exp.model, tokenizer=exp.tokenizer, device=ranks.device(args.device),
+                                        dtype=args.dtype)
+        stats = run_experiment(exp, pipe, args.out_dir, batch_size=args.batch_size, ranks=ranks,
+                               progress=not args.quiet)
+    finally:
+        ranks.close()
+    if ranks.main:
+        print(f"{stats.jobs} jobs: {stats.done_before} done before, {stats.ran} run here"
+              + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else "")
+              + f", {stats.seconds:.1f} s; wrote {stats.out_dir}/results.jsonl, summary.md, index.html")
+    return 0
+
+
 def cmd_vocab(args) -> int:
     from p2p.world import scenes
 
@@ -330,4 +355,4 @@ def cmd_convert(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "edit": cmd_edit, "invert": cmd_invert, "sweep": cmd_sweep,
             "attention": cmd_attention, "eval": cmd_eval, "vocab": cmd_vocab, "download": cmd_download,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "run": cmd_run}

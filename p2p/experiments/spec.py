@@ -1,0 +1,253 @@
+"""An experiment file: a model, shared edit settings, a list of jobs and/or a grid, and the measurements.
+
+    description = "cross_replace x self_replace on one word swap"
+    model = "embedded"                       # a diffusers folder, a single file (+ tokenizer = ...), or embedded
+    measures = ["psnr_outside", "attention"] # see p2p/experiments/measures.py
+
+    [settings]                               # every job starts from these: any EditSettings field
+    prompt = "a big red square on a green background"
+    targets = ["a big blue square on a green background"]
+    steps = 20
+
+    [grid]                                   # the product of the lists, in this order
+    cross_replace = [0.2, [0.0, 0.4], 0.8]   # a field of EditSettings: a list of its values (windows too)
+    self_sites = [{ max_res = 8 }, { max_res = 4 }]   # *_sites: site selections as tables
+    seed = [0, 1]
+    swap = [{ label = "colour", targets = ["a big blue square on a green background"] },
+            { label = "shape", targets = ["a big red circle on a green background"] }]
+                                             # any other name: a list of tables of settings that vary together
+
+    [[jobs]]                                 # optional: explicit jobs, each one crossed with the grid
+    prompt = "..."
+
+Everything here is checked before any model loads (`read_experiment`): unknown keys, values out of range,
+words of blend / reweight / cross_replace that are in none of the job's prompts, and the number of jobs
+(more than MAX_JOBS needs `yes=True`, `p2p run --yes`). `expand` then gives the jobs in a fixed order;
+their ids (`job_id`) hash the settings resolved against the model and the model's fingerprint, so the
+same job has the same id in every run, whatever its place in the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from models.errors import MissingFileError, UserError
+
+from p2p.core.controller import as_window
+from p2p.core.settings import MODES, SITE_FIELDS, EditSettings
+
+MAX_JOBS = 10_000  # more needs --yes
+TOP_KEYS = ("description", "model", "tokenizer", "measures", "settings", "grid", "jobs")
+FIELDS = {f.name for f in fields(EditSettings)}
+NUMBERS = ("steps", "height", "width", "guidance", "eta", "seed", "blend_threshold", "blend_start")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A parsed, checked experiment file. `points` are the jobs' settings as dicts, in the file's order,
+    each with the labels of its grid axes (`axes`)."""
+
+    path: str
+    description: str
+    model: str
+    tokenizer: str | None
+    measures: tuple[str, ...]
+    axes: tuple[str, ...]  # grid axes in order ("job" first when the file lists [[jobs]])
+    points: tuple[tuple[dict, dict], ...]  # (settings dict, {axis: label}) per job
+
+    def settings(self) -> list[EditSettings]:
+        return [EditSettings.from_dict(d) for d, _ in self.points]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One edit of an experiment: its id, its settings resolved against the model, its grid labels."""
+
+    id: str
+    index: int  # place in the experiment's order
+    settings: EditSettings  # resolved: every default filled in from the model
+    axes: dict  # axis -> label
+
+
+def label(value) -> str:
+    """A grid value as a short text: 0.4, "0-0.4" for a window, "res=16" for a site selection."""
+    if isinstance(value, dict):
+        if "label" in value:
+            return str(value["label"])
+        return " ".join(f"{k}={label(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "-".join(label(v) for v in value) if all(isinstance(v, (int, float)) for v in value) \
+            else ",".join(label(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w'-]+", text.lower())
+
+
+def _in_prompt(word: str, prompt: str) -> bool:
+    """Whether `word` (a word or a phrase) occurs as whole words in the prompt (case-insensitive)."""
+    want, have = _words(word), _words(prompt)
+    return bool(want) and any(have[i:i + len(want)] == want for i in range(len(have) - len(want) + 1))
+
+
+def check_point(d: dict, where: str) -> None:
+    """Checks of one job's settings that need no model: fields, numbers, mode, windows, words."""
+    unknown = sorted(set(d) - FIELDS)
+    if unknown:
+        raise UserError(f"{where}: unknown setting {unknown[0]!r}; the settings are the fields of EditSettings: "
+                        f"{', '.join(sorted(FIELDS))}")
+    if "prompt" not in d:
+        raise UserError(f"{where}: no prompt; set prompt in [settings], in a [[jobs]] entry or on a grid axis")
+    from p2p.cli.args import rule_message
+
+    for name in NUMBERS:
+        if d.get(name) is not None and (problem := rule_message(name, d[name])):
+            raise UserError(f"{where}: {name} {problem}")
+    try:
+        s = EditSettings.from_dict(d)
+    except TypeError as e:
+        raise UserError(f"{where}: {e}") from None
+    if s.mode not in MODES:
+        raise UserError(f"{where}: unknown mode {s.mode!r}; use one of {', '.join(MODES)}")
+    if s.mode != "reweight" and not s.targets:
+        raise UserError(f"{where}: mode {s.mode!r} needs targets (the edited prompts)")
+    if s.mode == "reweight" and not s.reweight:
+        raise UserError(f"{where}: mode 'reweight' needs reweight = {{ WORD = C }}")
+    try:
+        as_window(s.self_replace, "self_replace")
+        for v in (s.cross_replace.values() if isinstance(s.cross_replace, dict) else [s.cross_replace]):
+            as_window(v, "cross_replace")
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    prompts = s.prompts
+    words = [("blend", w) for w in s.blend] + [("blend_subtract", w) for w in s.blend_subtract]
+    words += [("reweight", w) for w in s.reweight]
+    if isinstance(s.cross_replace, dict):
+        words += [("cross_replace", w) for w in s.cross_replace if w != "default_"]
+    for what, w in words:
+        for word in (w if isinstance(w, (list, tuple)) else [w]):  # blend may list words per prompt
+            if isinstance(word, str) and not any(_in_prompt(word, p) for p in prompts):
+                raise UserError(f"{where}: {what} word {word!r} is in none of the prompts "
+                                + "; ".join(map(repr, prompts)) + ": use a word of the prompts or fix the prompt")
+
+
+def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -> Experiment:
+    """Parse and check an experiment file (no model is loaded); a UserError names any problem."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise MissingFileError(f"no experiment file at {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        hint = " (edit settings go in [settings])" if unknown[0] in FIELDS else ""
+        raise UserError(f"{path}: unknown key {unknown[0]!r}{hint}; an experiment file has {', '.join(TOP_KEYS)}")
+    measures = data.get("measures", [])
+    if not isinstance(measures, list) or not all(isinstance(m, str) for m in measures):
+        raise UserError(f"{path}: measures must be a list of names, e.g. [\"psnr_outside\"]")
+    for m in measures:
+        if known_measures and m not in known_measures:
+            raise UserError(f"{path}: unknown measure {m!r}; known: {', '.join(known_measures)}")
+    shared = data.get("settings", {})
+    grid = data.get("grid", {})
+    jobs = data.get("jobs", [{}])
+    for name, table in (("settings", shared), ("grid", grid)):
+        if not isinstance(table, dict):
+            raise UserError(f"{path}: {name} must be a table ([{name}])")
+    if not isinstance(jobs, list) or not jobs or not all(isinstance(j, dict) for j in jobs):
+        raise UserError(f"{path}: jobs must be a non-empty array of tables ([[jobs]])")
+    axes = []  # (name, [(settings changes, label)])
+    if "jobs" in data:
+        axes.append(("job", [(j, label(j.get("label", i))) for i, j in enumerate(jobs)]))
+    for name, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: grid.{name} must be a non-empty list of values, e.g. {name} = [0.2, 0.4]")
+        if name in FIELDS:
+            if name in SITE_FIELDS and not all(isinstance(v, dict) for v in values):
+                raise UserError(f"{path}: grid.{name} lists site selections as tables, e.g. [{{ res = [16] }}]")
+            axes.append((name, [({name: v}, label(v)) for v in values]))
+        elif all(isinstance(v, dict) for v in values):
+            axes.append((name, [({k: x for k, x in v.items() if k != "label"}, label(v)) for v in values]))
+        else:
+            raise UserError(f"{path}: unknown setting {name!r} in [grid]; a grid axis is a field of EditSettings "
+                            f"({', '.join(sorted(FIELDS))}) or a named list of tables of settings")
+    count = math.prod(len(values) for _, values in axes)
+    if count > MAX_JOBS and not yes:
+        raise UserError(f"{path}: the grid makes {count:,} jobs (more than {MAX_JOBS:,}); shrink it, or pass --yes "
+                        "to run them all")
+    points = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        d = {k: v for k, v in shared.items() if k != "label"}
+        where = [f"{path}"]
+        for (name, _), (changes, lab) in zip(axes, combo):
+            d.update(changes)
+            where.append(f"{name}={lab}")
+        points.append((d, {name: lab for (name, _), (_, lab) in zip(axes, combo)}))
+    checked = set()
+    for d, labels in points:  # checking one job per distinct settings keeps a large grid fast
+        key = json.dumps(d, sort_keys=True, default=str)
+        if key not in checked:
+            checked.add(key)
+            check_point(d, f"{path} ({', '.join(f'{k}={v}' for k, v in labels.items())})" if labels else str(path))
+    model = data.get("model", "embedded")
+    if not isinstance(model, str):
+        raise UserError(f"{path}: model must be a path (a string) or \"embedded\"")
+    return Experiment(str(path), str(data.get("description", "")), model, data.get("tokenizer"),
+                      tuple(measures), tuple(name for name, _ in axes), tuple(points))
+
+
+def job_id(settings: EditSettings, fingerprint: str, measures: tuple[str, ...]) -> str:
+    """16 hex digits of sha256 over the resolved settings, the model fingerprint and the measures asked for."""
+    text = json.dumps({"settings": settings.to_dict(), "model": fingerprint, "measures": sorted(measures)},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def expand(experiment: Experiment, model_cfg, fingerprint: str) -> list[Job]:
+    """The experiment's jobs in order, resolved against the model; a job listed twice is kept once."""
+    jobs, seen = [], set()
+    for (d, labels), s in zip(experiment.points, experiment.settings()):
+        s = s.resolved(model_cfg)
+        jid = job_id(s, fingerprint, experiment.measures)
+        if jid not in seen:
+            seen.add(jid)
+            jobs.append(Job(jid, len(jobs), s, labels))
+    return jobs
+
+
+def pack(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Jobs in batches of at most `batch_size` prompts (rows), each batch of one sampling setup (steps,
+    guidance, size, eta 0, low_memory): consecutive jobs of the same setup go together, in order, so the
+    packing depends only on the job list. A job with eta > 0 draws its own noise and runs alone."""
+    def setup(s: EditSettings):
+        return (s.steps, s.guidance, s.height, s.width, s.low_memory) if s.eta == 0 else None
+
+    units, current, rows = [], [], 0
+    for job in jobs:
+        s = job.settings
+        add = len(s.prompts) - any(same_source(s, j.settings) for j in current)  # a shared source row counts once
+        if current and setup(s) is not None and setup(s) == setup(current[0].settings) and rows + add <= batch_size:
+            current.append(job)
+            rows += add
+        else:
+            if current:
+                units.append(current)
+            current, rows = [job], len(s.prompts)
+    if current:
+        units.append(current)
+    return units
+
+
+def same_source(a: EditSettings, b: EditSettings) -> bool:
+    """Whether two jobs have the same source row: prompt, seed and negative prompt (with one setup)."""
+    return (a.prompt, a.seed, a.negative_prompt) == (b.prompt, b.seed, b.negative_prompt)
+
