@@ -28,6 +28,7 @@ same job has the same id in every run, whatever its place in the file.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -97,11 +98,17 @@ def _in_prompt(word: str, prompt: str) -> bool:
     return bool(want) and any(have[i:i + len(want)] == want for i in range(len(have) - len(want) + 1))
 
 
+def did_you_mean(name: str, options) -> str:
+    """" (did you mean 'steps'?)" for a close option, else ""."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_point(d: dict, where: str) -> None:
     """Checks of one job's settings that need no model: fields, numbers, mode, windows, words."""
     unknown = sorted(set(d) - FIELDS)
     if unknown:
-        raise UserError(f"{where}: unknown setting {unknown[0]!r}; the settings are the fields of EditSettings: "
+        raise UserError(f"{where}: unknown setting {unknown[0]!r}{did_you_mean(unknown[0], FIELDS)}; the settings are the fields of EditSettings: "
                         f"{', '.join(sorted(FIELDS))}")
     if "prompt" not in d:
         raise UserError(f"{where}: no prompt; set prompt in [settings], in a [[jobs]] entry or on a grid axis")
@@ -149,7 +156,9 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
         raise UserError(f"{path} is not valid TOML: {e}") from None
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        hint = " (edit settings go in [settings])" if unknown[0] in FIELDS else ""
+        close = difflib.get_close_matches(unknown[0], TOP_KEYS + tuple(FIELDS), n=1)
+        hint = " (edit settings go in [settings])" if unknown[0] in FIELDS else \
+            f" (did you mean {close[0]!r}{' in [settings]' if close[0] in FIELDS else ''}?)" if close else ""
         raise UserError(f"{path}: unknown key {unknown[0]!r}{hint}; an experiment file has {', '.join(TOP_KEYS)}")
     measures = data.get("measures", [])
     if not isinstance(measures, list) or not all(isinstance(m, str) for m in measures):
@@ -178,7 +187,7 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
         elif all(isinstance(v, dict) for v in values):
             axes.append((name, [({k: x for k, x in v.items() if k != "label"}, label(v)) for v in values]))
         else:
-            raise UserError(f"{path}: unknown setting {name!r} in [grid]; a grid axis is a field of EditSettings "
+            raise UserError(f"{path}: unknown setting {name!r} in [grid]{did_you_mean(name, FIELDS)}; a grid axis is a field of EditSettings "
                             f"({', '.join(sorted(FIELDS))}) or a named list of tables of settings")
     count = math.prod(len(values) for _, values in axes)
     if count > MAX_JOBS and not yes:

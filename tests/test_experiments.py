@@ -1,0 +1,213 @@
+"""Experiments (`p2p run`, p2p/experiments/) on the embedded model: bad files fail before any model loads;
+packed batches give the images of separate edits; a rerun skips finished jobs and a changed grid runs only
+its new jobs; a killed run resumes with no job missing or duplicated; a 2-process torchrun run on the CPU
+(gloo) writes exactly the files and rows of a 1-process run. Few steps, small grids."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from p2p.cli.main import main
+from p2p.core.pipeline import Pipeline
+from p2p.files.output import read_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = "a big red square on a green background"
+GRID = f"""
+model = "embedded"
+measures = ["psnr_outside", "attention", "judge"]
+[settings]
+prompt = "{SRC}"
+steps = 4
+[grid]
+swap = [{{ label = "colour", targets = ["a big blue square on a green background"] }},
+        {{ label = "shape", targets = ["a big red circle on a green background"], blend = ["square", "circle"] }}]
+cross_replace = [0.2, 0.8]
+seed = SEEDS
+"""
+
+
+def write(tmp_path, text: str, name: str = "exp.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "jobs").rglob("*.png"))}
+
+
+# --- bad files -------------------------------------------------------------------------------------------
+
+BIG = ", ".join(str(i / 1000) for i in range(1000))
+BAD = {
+    "unknown top-level key": ("model = 'embedded'\nstep = 4\n[settings]\nprompt = 'a'\ntargets = ['b']\n",
+                              "unknown key 'step' (did you mean 'steps' in [settings]?)"),
+    "unknown setting": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\ncross_replce = 0.4\n",
+                        "unknown setting 'cross_replce' (did you mean 'cross_replace'?)"),
+    "unknown grid axis": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\n[grid]\nsteeps = [4, 8]\n",
+                          "unknown setting 'steeps' in [grid] (did you mean 'steps'?)"),
+    "word not in a prompt": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\nblend = ['circle']\n",
+                             "blend word 'circle' is in none of the prompts"),
+    "grid too large": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\n[grid]\nself_replace = [{BIG}]\n"
+                       f"cross_replace = [{BIG}]\n", "the grid makes 1,000,000 jobs"),
+    "unknown measure": (f"measures = ['psnr']\n[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\n",
+                        "unknown measure 'psnr'"),
+    "steps out of range": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\n[grid]\nsteps = [4, 0]\n",
+                           "steps must be a whole number of DDIM steps from 1 to 1000"),
+    "no targets": (f"[settings]\nprompt = '{SRC}'\n", "mode 'replace' needs targets"),
+    "bad window": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\n[grid]\nself_replace = [[0.6, 0.2]]\n",
+                   "self_replace must be a fraction of the steps"),
+    "judge off the embedded model": (f"model = 'weights/sd'\nmeasures = ['judge']\n[settings]\nprompt = '{SRC}'\n"
+                                     f"targets = ['{SRC}']\n", "measure 'judge' reads images of the embedded"),
+    "not TOML": ("[settings\nprompt = 1\n", "is not valid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_files_fail_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_model)
+    text, expected = BAD[case]
+    out = tmp_path / "out"
+    assert main(["run", str(write(tmp_path, text)), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("p2p run: error: ") and expected in err, err
+    assert not out.exists()
+
+
+# --- packing, resuming, changed grids ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained("embedded", device="cpu")
+
+
+def test_packed_batch_gives_the_images_of_separate_edits(pipe):
+    """Jobs of different sources, seeds and settings (local blend, reweight) in one batch against `run_edit`
+    of each alone: equal up to float rounding (a different batch size), at most 2/255 on a pixel."""
+    from p2p.core.run import run_edit
+    from p2p.core.settings import EditSettings
+    from p2p.experiments.batch import run_unit
+    from p2p.experiments.spec import Job
+
+    settings = [EditSettings(SRC, ("a big blue square on a green background",), steps=6, seed=1, cross_replace=0.2),
+                EditSettings(SRC, ("a big red circle on a green background",), steps=6, seed=1, self_replace=0.8,
+                             blend=("square", "circle")),
+                EditSettings("a small blue star on a red background", ("a small green star on a red background",),
+                             steps=6, seed=3),
+                EditSettings(SRC, (SRC,), mode="reweight", reweight={"red": [0.0, 2.0]}, steps=6, seed=2)]
+    settings = [s.resolved(pipe.cfg) for s in settings]
+    outcomes = run_unit(pipe, [Job(str(i), i, s, {}) for i, s in enumerate(settings)], [None] * 4)
+    worst = 0
+    for o, s in zip(outcomes, settings):
+        alone = run_edit(pipe, s, progress=False).images
+        assert len(o.result.images) == len(alone) == len(s.prompts)
+        for a, b in zip(o.result.images, alone):
+            d = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+            worst = max(worst, int(d.max()))
+            assert d.mean() < 0.02
+    assert worst <= 2
+
+
+def test_rerun_skips_done_jobs_and_a_changed_grid_runs_only_new_ones(tmp_path, capsys):
+    exp = write(tmp_path, GRID.replace("SEEDS", "[0, 1]"))
+    out = tmp_path / "out"
+    assert main(["run", str(exp), "--out-dir", str(out), "--quiet"]) == 0
+    assert "8 jobs: 0 done before, 8 run here" in capsys.readouterr().out
+    first = rows(out)
+    assert len(first) == len({r["id"] for r in first}) == 8
+    assert [r["index"] for r in first] == list(range(8))
+    for r in first:  # every image carries the settings of its row; every job has its measures
+        assert [Path(p).name for p in r["images"]] == ["0.png", "1.png"]
+        meta = read_settings(out / r["images"][1])
+        assert {k: meta[k] for k in r["settings"]} == r["settings"] and meta["job"] == r["id"]
+        assert {"psnr_outside", "attn_entropy", "judge", "mask_iou", "success"} <= set(r["measures"])
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "jobs").rglob("*")}
+    html = (out / "index.html").read_text()
+    assert html.count("<img ") == 8 and "<script" not in html
+    assert "## By cross_replace" in (out / "summary.md").read_text()
+
+    assert main(["run", str(exp), "--out-dir", str(out), "--quiet"]) == 0
+    assert "8 jobs: 8 done before, 0 run here" in capsys.readouterr().out
+    assert rows(out) == first
+
+    exp.write_text(GRID.replace("SEEDS", "[0, 1, 2]"))  # a new seed: 4 new jobs, the 8 others unchanged
+    assert main(["run", str(exp), "--out-dir", str(out), "--quiet"]) == 0
+    assert "12 jobs: 8 done before, 4 run here" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing of the finished jobs was rewritten
+    after = rows(out)
+    assert len(after) == len({r["id"] for r in after}) == 12
+    assert {r["id"] for r in first} < {r["id"] for r in after}
+
+
+def test_killed_run_resumes_with_no_job_missing_or_duplicated(tmp_path):
+    exp = write(tmp_path, GRID.replace("SEEDS", "[0, 1, 2, 3]").replace("steps = 4", "steps = 10"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "p2p", "run", str(exp), "--out-dir", str(out), "--quiet", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in (out / "jobs").glob("*") if not p.name.startswith(".")] if (out / "jobs").is_dir() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed = sorted(p.name for p in (out / "jobs").iterdir() if not p.name.startswith("."))
+    assert 3 <= len(killed) < 16
+    for name in killed:  # a job folder exists only complete
+        assert sorted(p.name for p in (out / "jobs" / name).iterdir()) == ["0.png", "1.png", "grid.png", "row.json"]
+    r = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"16 jobs: {len(killed)} done before, {16 - len(killed)} run here" in r.stdout
+    final = rows(out)
+    assert len(final) == len({r["id"] for r in final}) == 16
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == sorted(r["id"] for r in final)  # no leftovers
+    for row in final:
+        with Image.open(out / row["images"][1]) as img:
+            img.load()
+
+
+def test_torchrun_two_processes_write_the_files_and_rows_of_one(tmp_path):
+    exp = write(tmp_path, GRID.replace("SEEDS", "[0, 1]"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["-m", "p2p", "run", str(exp), "--quiet", "--batch-size", "2"]
+    r1 = subprocess.run([sys.executable, *base, "--out-dir", str(one)], env=env(), cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         *base, "--out-dir", str(two)], env=env(), cwd=tmp_path, capture_output=True, text=True,
+                        timeout=180)
+    assert r2.returncode == 0, r2.stderr
+    assert "(rank 0 of 2)" in r2.stdout
+    a, b = files(one), files(two)
+    assert len(a) == 8 * 3 and a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []  # bit-identical images (and their metadata)
+    ra, rb = rows(one), rows(two)
+    assert {r["timing"]["rank"] for r in rb} == {0, 1}  # both ranks took jobs
+    for r in ra + rb:
+        r.pop("timing")
+    assert ra == rb
+    for name in ("summary.md", "index.html"):
+        assert (two / name).is_file()
