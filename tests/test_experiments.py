@@ -141,7 +141,7 @@ def test_rerun_skips_done_jobs_and_a_changed_grid_runs_only_new_ones(tmp_path, c
         assert [Path(p).name for p in r["images"]] == ["0.png", "1.png"]
         meta = read_settings(out / r["images"][1])
         assert {k: meta[k] for k in r["settings"]} == r["settings"] and meta["job"] == r["id"]
-        assert {"psnr_outside", "attn_entropy", "judge", "mask_iou", "success"} <= set(r["measures"])
+        assert {"psnr_outside", "attn_entropy", "judge", "mask_iou", "success", "psnr_outside_objects"} <= set(r["measures"])
     stamps = {p: p.stat().st_mtime_ns for p in (out / "jobs").rglob("*")}
     html = (out / "index.html").read_text()
     assert html.count("<img ") == 8 and "<script" not in html

@@ -19,7 +19,10 @@ edited image where that makes sense. Add one with
   1 disjoint).
 - `judge` (the embedded scene model only): the judge's reading (p2p/world/judge.py) of the source and each
   edit (shape, colour, pattern, size of the largest object, background), the object mask IoU and centroid
-  shift between source and edit, and `success`: whether the judge reads each changed word in the edit.
+  shift between source and edit, `success`: whether the judge reads each changed word in the edit, and
+  `psnr_outside_objects`: the PSNR outside the objects the judge finds in either image (grown by 2 px), as
+  `p2p eval` measures it. (On the embedded model the maps of colour and size words cover most of the 8x8
+  grid, so `psnr_outside` often finds no pixel outside the region; this one does.)
 """
 from __future__ import annotations
 
@@ -182,7 +185,8 @@ def judge_readout(outcome, pipe) -> dict:
     read = [as_dict(x) for x in readings]
     groups = {"shape": scenes.SHAPES, "colour": tuple(scenes.COLOURS), "pattern": scenes.PATTERNS,
               "size": scenes.SIZES}
-    success, ious, shifts = [], [], []
+    success, ious, shifts, outside = [], [], [], []
+    src = np.asarray(r.images[0])
     for b in range(1, len(r.images)):
         tgt = _words(r.settings.prompts[b])
         _, new = edited_words(r.settings, b)
@@ -196,7 +200,22 @@ def judge_readout(outcome, pipe) -> dict:
         a, e = readings[0].things, readings[b].things
         ious.append(iou(a[0].mask, e[0].mask) if a and e else float("nan"))
         shifts.append(centroid_shift(a[0].mask, e[0].mask) if a and e else float("nan"))
-    return {"judge": read, "success": success, "mask_iou": ious, "centroid_shift": shifts}
+        objects = dilate(np.any([t.mask for t in a + e], axis=0)) if a or e else np.zeros(src.shape[:2], bool)
+        keep = ~objects
+        outside.append(min(psnr(src[keep], np.asarray(r.images[b])[keep]), 99.0) if keep.any() else float("nan"))
+    return {"judge": read, "success": success, "mask_iou": ious, "centroid_shift": shifts,
+            "psnr_outside_objects": outside}
+
+
+def dilate(mask: np.ndarray, r: int = 2) -> np.ndarray:
+    """The mask grown by r pixels (a square neighbourhood), without wrapping around the edges."""
+    out = mask.copy()
+    h, w = mask.shape
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
+                mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
 
 
 register(Measure("psnr_outside", psnr_outside, needs_maps=True))

@@ -88,6 +88,11 @@ def label(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def unlabelled(value):
+    """A table without its "label" (the name shown for it in the tables); any other value as it is."""
+    return {k: v for k, v in value.items() if k != "label"} if isinstance(value, dict) else value
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"[\w'-]+", text.lower())
 
@@ -176,16 +181,16 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
         raise UserError(f"{path}: jobs must be a non-empty array of tables ([[jobs]])")
     axes = []  # (name, [(settings changes, label)])
     if "jobs" in data:
-        axes.append(("job", [(j, label(j.get("label", i))) for i, j in enumerate(jobs)]))
+        axes.append(("job", [(unlabelled(j), label(j.get("label", i))) for i, j in enumerate(jobs)]))
     for name, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{path}: grid.{name} must be a non-empty list of values, e.g. {name} = [0.2, 0.4]")
         if name in FIELDS:
             if name in SITE_FIELDS and not all(isinstance(v, dict) for v in values):
                 raise UserError(f"{path}: grid.{name} lists site selections as tables, e.g. [{{ res = [16] }}]")
-            axes.append((name, [({name: v}, label(v)) for v in values]))
+            axes.append((name, [({name: unlabelled(v)}, label(v)) for v in values]))
         elif all(isinstance(v, dict) for v in values):
-            axes.append((name, [({k: x for k, x in v.items() if k != "label"}, label(v)) for v in values]))
+            axes.append((name, [(unlabelled(v), label(v)) for v in values]))
         else:
             raise UserError(f"{path}: unknown setting {name!r} in [grid]{did_you_mean(name, FIELDS)}; a grid axis is a field of EditSettings "
                             f"({', '.join(sorted(FIELDS))}) or a named list of tables of settings")
@@ -195,7 +200,7 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
                         "to run them all")
     points = []
     for combo in itertools.product(*(values for _, values in axes)):
-        d = {k: v for k, v in shared.items() if k != "label"}
+        d = dict(shared)
         where = [f"{path}"]
         for (name, _), (changes, lab) in zip(axes, combo):
             d.update(changes)
