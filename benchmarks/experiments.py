@@ -74,7 +74,7 @@ def main() -> None:
     }
     print(f"{n} jobs (embedded model, 64 px, {args.steps} steps, guidance 5, 2 prompts each, measures: "
           f"{args.measures or 'none'}); {os.cpu_count()} CPUs")
-    print(f"| variant | run s | jobs / min (run) | wall s | jobs / min (wall) |\n|---|---|---|---|---|")
+    print("| variant | run s | jobs / min (run) | wall s | jobs / min (wall) |\n|---|---|---|---|---|")
     rate = {}
     for i, (name, (cmd, threads)) in enumerate(variants.items()):
         seconds, wall = run(cmd, threads, tmp / f"out{i}")

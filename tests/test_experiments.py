@@ -77,6 +77,7 @@ BAD = {
                    "self_replace must be a fraction of the steps"),
     "judge off the embedded model": (f"model = 'weights/sd'\nmeasures = ['judge']\n[settings]\nprompt = '{SRC}'\n"
                                      f"targets = ['{SRC}']\n", "measure 'judge' reads images of the embedded"),
+    "targets not a list": (f"[settings]\nprompt = '{SRC}'\ntargets = '{SRC}'\n", "targets must be a list"),
     "not TOML": ("[settings\nprompt = 1\n", "is not valid TOML"),
 }
 
@@ -141,7 +142,8 @@ def test_rerun_skips_done_jobs_and_a_changed_grid_runs_only_new_ones(tmp_path, c
         assert [Path(p).name for p in r["images"]] == ["0.png", "1.png"]
         meta = read_settings(out / r["images"][1])
         assert {k: meta[k] for k in r["settings"]} == r["settings"] and meta["job"] == r["id"]
-        assert {"psnr_outside", "attn_entropy", "judge", "mask_iou", "success", "psnr_outside_objects"} <= set(r["measures"])
+        wanted = {"psnr_outside", "attn_entropy", "judge", "mask_iou", "success", "psnr_outside_objects"}
+        assert wanted <= set(r["measures"])
     stamps = {p: p.stat().st_mtime_ns for p in (out / "jobs").rglob("*")}
     html = (out / "index.html").read_text()
     assert html.count("<img ") == 8 and "<script" not in html

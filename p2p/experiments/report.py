@@ -80,7 +80,8 @@ th{background:#f4f4f4}.m{color:#555}"""
 def cell(row: dict | None) -> str:
     if row is None:
         return "<td class=m>not done</td>"
-    tip = html.escape(json.dumps({"id": row["id"], **row["settings"]}, sort_keys=True, indent=1), quote=True)
+    tip = html.escape("\n".join(f"{k}: {json.dumps(v)}" for k, v in {"id": row["id"], **row["settings"]}.items()),
+                      quote=True)
     src = html.escape(f"jobs/{row['id']}/grid.png", quote=True)
     m = scalars(row["measures"])
     text = "<br>".join(f"{html.escape(k)} {fmt(v)}" for k, v in m.items())

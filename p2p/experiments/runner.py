@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from models.errors import UserError
 
 from p2p.core.run import save_edit
-from p2p.core.settings import check
+from p2p.core.settings import build_controller
 from p2p.files.output import staged_folder
 
 from .batch import run_unit
@@ -68,7 +68,7 @@ def check_jobs(pipe, jobs: list[Job]) -> None:
             continue
         seen.add(key)
         try:
-            check(s, pipe.tokenizer)
+            build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)  # every check of the words and values
             pipe.latent_shape(s.height, s.width)
         except UserError as e:
             where = ", ".join(f"{k}={v}" for k, v in job.axes.items())

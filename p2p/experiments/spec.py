@@ -113,11 +113,19 @@ def check_point(d: dict, where: str) -> None:
     """Checks of one job's settings that need no model: fields, numbers, mode, windows, words."""
     unknown = sorted(set(d) - FIELDS)
     if unknown:
-        raise UserError(f"{where}: unknown setting {unknown[0]!r}{did_you_mean(unknown[0], FIELDS)}; the settings are the fields of EditSettings: "
+        raise UserError(f"{where}: unknown setting {unknown[0]!r}{did_you_mean(unknown[0], FIELDS)}; the settings are "
+                        "the fields of EditSettings: "
                         f"{', '.join(sorted(FIELDS))}")
     if "prompt" not in d:
         raise UserError(f"{where}: no prompt; set prompt in [settings], in a [[jobs]] entry or on a grid axis")
     from p2p.cli.args import rule_message
+
+    for name in ("prompt", "negative_prompt"):
+        if name in d and not isinstance(d[name], str):
+            raise UserError(f"{where}: {name} must be a string, got {d[name]!r}")
+    for name in ("targets", "blend", "blend_subtract"):
+        if name in d and not isinstance(d[name], list):
+            raise UserError(f"{where}: {name} must be a list, e.g. {name} = [\"...\"], got {d[name]!r}")
 
     for name in NUMBERS:
         if d.get(name) is not None and (problem := rule_message(name, d[name])):
@@ -192,8 +200,9 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
         elif all(isinstance(v, dict) for v in values):
             axes.append((name, [(unlabelled(v), label(v)) for v in values]))
         else:
-            raise UserError(f"{path}: unknown setting {name!r} in [grid]{did_you_mean(name, FIELDS)}; a grid axis is a field of EditSettings "
-                            f"({', '.join(sorted(FIELDS))}) or a named list of tables of settings")
+            raise UserError(f"{path}: unknown setting {name!r} in [grid]{did_you_mean(name, FIELDS)}; a grid axis "
+                            f"is a field of EditSettings ({', '.join(sorted(FIELDS))}) or a named list of tables of "
+                            "settings")
     count = math.prod(len(values) for _, values in axes)
     if count > MAX_JOBS and not yes:
         raise UserError(f"{path}: the grid makes {count:,} jobs (more than {MAX_JOBS:,}); shrink it, or pass --yes "
@@ -201,10 +210,8 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
     points = []
     for combo in itertools.product(*(values for _, values in axes)):
         d = dict(shared)
-        where = [f"{path}"]
-        for (name, _), (changes, lab) in zip(axes, combo):
+        for changes, _ in combo:
             d.update(changes)
-            where.append(f"{name}={lab}")
         points.append((d, {name: lab for (name, _), (_, lab) in zip(axes, combo)}))
     checked = set()
     for d, labels in points:  # checking one job per distinct settings keeps a large grid fast
