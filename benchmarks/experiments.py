@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SWAPS = ("a big blue square on a green background", "a big red circle on a green background",
-         "a big red striped square on a green background", "a big red square on a yellow background")
+         "a small red square on a green background", "a big red square on a yellow background")
 CROSS = (0.2, 0.4, 0.6, 0.8, 1.0, 0.0, 0.3, 0.5)
 
 

@@ -72,6 +72,8 @@ BAD = {
                         "unknown measure 'psnr'"),
     "steps out of range": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\n[grid]\nsteps = [4, 0]\n",
                            "steps must be a whole number of DDIM steps from 1 to 1000"),
+    "swap of unequal length": (f"[settings]\nprompt = '{SRC}'\ntargets = ['a big red striped square on a green "
+                               "background']\n", "a word swap (mode 'replace') needs targets with as many words"),
     "no targets": (f"[settings]\nprompt = '{SRC}'\n", "mode 'replace' needs targets"),
     "bad window": (f"[settings]\nprompt = '{SRC}'\ntargets = ['{SRC}']\n[grid]\nself_replace = [[0.6, 0.2]]\n",
                    "self_replace must be a fraction of the steps"),
@@ -147,7 +149,14 @@ def test_rerun_skips_done_jobs_and_a_changed_grid_runs_only_new_ones(tmp_path, c
     stamps = {p: p.stat().st_mtime_ns for p in (out / "jobs").rglob("*")}
     html = (out / "index.html").read_text()
     assert html.count("<img ") == 8 and "<script" not in html
-    assert "## By cross_replace" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()  # its means against the rows'
+    table = summary.split("## By cross_replace")[1].split("##")[0].splitlines()
+    column = table[2].split(" | ").index("mask_iou")
+    for value in ("0.2", "0.8"):
+        iou = [r["measures"]["mask_iou"][0] for r in first if r["axes"]["cross_replace"] == value]
+        iou = [x for x in iou if x is not None]
+        line = next(x for x in table if x.startswith(f"| {value} | 4 |"))
+        assert line.split(" | ")[column] == f"{sum(iou) / len(iou):.3g}"
 
     assert main(["run", str(exp), "--out-dir", str(out), "--quiet"]) == 0
     assert "8 jobs: 8 done before, 0 run here" in capsys.readouterr().out
@@ -162,22 +171,34 @@ def test_rerun_skips_done_jobs_and_a_changed_grid_runs_only_new_ones(tmp_path, c
     assert {r["id"] for r in first} < {r["id"] for r in after}
 
 
-def test_killed_run_resumes_with_no_job_missing_or_duplicated(tmp_path):
-    exp = write(tmp_path, GRID.replace("SEEDS", "[0, 1, 2, 3]").replace("steps = 4", "steps = 10"))
+def finished(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "jobs").iterdir() if not p.name.startswith(".")) \
+        if (out / "jobs").is_dir() else []
+
+
+def stop_after(cmd: list[str], cwd: Path, out: Path, n: int, sig: int) -> subprocess.CompletedProcess:
+    """Start `cmd`, send `sig` once `n` more job folders than now exist, and wait for it to end."""
+    start = len(finished(out))
+    proc = subprocess.Popen(cmd, env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and len(finished(out)) < start + n:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_interrupted_and_killed_runs_resume_with_no_job_missing_or_duplicated(tmp_path):
+    exp = write(tmp_path, GRID.replace("SEEDS", "[0, 1, 2, 3]").replace("steps = 4", "steps = 6"))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "p2p", "run", str(exp), "--out-dir", str(out), "--quiet", "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        done = [p for p in (out / "jobs").glob("*") if not p.name.startswith(".")] if (out / "jobs").is_dir() else []
-        if len(done) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    killed = sorted(p.name for p in (out / "jobs").iterdir() if not p.name.startswith("."))
-    assert 3 <= len(killed) < 16
+    r = stop_after(cmd, tmp_path, out, 2, signal.SIGINT)  # Ctrl-C: the table lists the finished jobs
+    assert r.returncode == 130 and "interrupted" in r.stderr, r.stderr
+    assert [row["id"] for row in rows(out)] and sorted(row["id"] for row in rows(out)) == finished(out)
+    stop_after(cmd, tmp_path, out, 2, signal.SIGKILL)  # killed: no table written, no half-written job
+    killed = finished(out)
+    assert 4 <= len(killed) < 16
     for name in killed:  # a job folder exists only complete
         assert sorted(p.name for p in (out / "jobs" / name).iterdir()) == ["0.png", "1.png", "grid.png", "row.json"]
     r = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)

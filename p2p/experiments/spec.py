@@ -147,6 +147,9 @@ def check_point(d: dict, where: str) -> None:
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     prompts = s.prompts
+    if s.mode == "replace" and any(len(p.split()) != len(s.prompt.split()) for p in prompts):
+        raise UserError(f"{where}: a word swap (mode 'replace') needs targets with as many words as the prompt "
+                        f"{s.prompt!r}; use mode = 'refine' to add words")
     words = [("blend", w) for w in s.blend] + [("blend_subtract", w) for w in s.blend_subtract]
     words += [("reweight", w) for w in s.reweight]
     if isinstance(s.cross_replace, dict):
