@@ -7,13 +7,16 @@ process.
 
 Each variant runs `p2p run` in fresh processes on a fresh output folder. "run" is the time `p2p run` reports
 (from the model loaded to the tables written, on rank 0: it includes waiting for the other ranks); "wall"
-adds starting Python and torch, the rendezvous and loading the model.
+adds starting Python and torch, the rendezvous and loading the model; "CPU" is the user + system time of
+all the processes of the variant (start included): on a machine shared with other work, wall times measure
+the share of the CPUs the variant got as much as its speed, and jobs per CPU minute its efficiency.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,15 +42,20 @@ def experiment(path: Path, seeds: int, per_seed: int, steps: int, measures: str)
     return len(swaps) * len(cross) * seeds
 
 
-def run(cmd: list[str], threads: int, out: Path) -> tuple[float, float]:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished child and grandchild waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(cmd: list[str], threads: int, out: Path) -> tuple[float, float, float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     r = subprocess.run([*cmd, "--out-dir", str(out), "--quiet"], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if r.returncode:
         sys.exit(r.stderr)
     seconds = float(re.search(r", ([\d.]+) s; wrote", r.stdout).group(1))
-    return seconds, wall
+    return seconds, wall, cpu
 
 
 def main() -> None:
@@ -56,6 +64,8 @@ def main() -> None:
     p.add_argument("--jobs-per-seed", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch of the batched variant")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="run only the variants with these "
+                   "threads per process (2 processes x 1 thread always runs)")
     p.add_argument("--measures", default="", help='e.g. \'"psnr_outside", "attention"\' (default none)')
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="p2p-bench-"))
@@ -74,15 +84,23 @@ def main() -> None:
     }
     print(f"{n} jobs (embedded model, 64 px, {args.steps} steps, guidance 5, 2 prompts each, measures: "
           f"{args.measures or 'none'}); {os.cpu_count()} CPUs")
-    print("| variant | run s | jobs / min (run) | wall s | jobs / min (wall) |\n|---|---|---|---|---|")
+    print("| variant | run s | jobs / min (run) | wall s | jobs / min (wall) | CPU s | jobs / CPU min |\n"
+          "|---|---|---|---|---|---|---|")
+    variants = {k: v for k, v in variants.items() if v[1] in args.threads or k.startswith("2 processes")}
     rate = {}
     for i, (name, (cmd, threads)) in enumerate(variants.items()):
-        seconds, wall = run(cmd, threads, tmp / f"out{i}")
-        rate[name] = (60 * n / seconds, 60 * n / wall)
-        print(f"| {name} | {seconds:.1f} | {rate[name][0]:.0f} | {wall:.1f} | {rate[name][1]:.0f} |", flush=True)
-    names = list(variants)
-    for a, b in ((names[1], names[0]), (names[3], names[2]), (names[4], names[0])):
-        print(f"{a} / {b}: {rate[a][0] / rate[b][0]:.2f}x (run), {rate[a][1] / rate[b][1]:.2f}x (wall)")
+        seconds, wall, cpu = run(cmd, threads, tmp / f"out{i}")
+        rate[name] = (60 * n / seconds, 60 * n / wall, 60 * n / cpu)
+        print(f"| {name} | {seconds:.1f} | {rate[name][0]:.0f} | {wall:.1f} | {rate[name][1]:.0f} | {cpu:.1f} | "
+              f"{rate[name][2]:.0f} |", flush=True)
+    pairs = [("2 processes x 1 thread, unbatched", "1 process x 2 threads, unbatched"),
+             ("2 processes x 1 thread, unbatched", "1 process x 1 thread, unbatched"),
+             (f"1 process x 1 thread, batch {args.batch_size}", "1 process x 1 thread, unbatched"),
+             (f"1 process x 2 threads, batch {args.batch_size}", "1 process x 2 threads, unbatched")]
+    for a, b in pairs:
+        if a in rate and b in rate:
+            print(f"{a} / {b}: {rate[a][0] / rate[b][0]:.2f}x (run), "
+                  f"{rate[a][1] / rate[b][1]:.2f}x (wall), {rate[a][2] / rate[b][2]:.2f}x (per CPU second)")
 
 
 if __name__ == "__main__":
