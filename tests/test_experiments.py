@@ -98,6 +98,20 @@ def test_bad_files_fail_before_the_model_loads(case, tmp_path, monkeypatch, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name,jobs", [("cross-self-grid", 120), ("layer-step-ablation", 80), ("scene-swaps", 58),
+                                       ("README", 36)])
+def test_example_files_read(name, jobs, tmp_path):
+    from p2p.experiments.measures import MEASURES
+    from p2p.experiments.spec import read_experiment
+
+    if name == "README":  # the file format example of the README's Experiments section
+        text = (ROOT / "README.md").read_text().split("## Experiments")[1].split("```toml\n")[1].split("```")[0]
+        path = write(tmp_path, text)
+    else:
+        path = ROOT / "configs" / "experiments" / f"{name}.toml"
+    assert len(read_experiment(path, known_measures=tuple(MEASURES)).points) == jobs
+
+
 # --- packing, resuming, changed grids ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

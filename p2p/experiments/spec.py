@@ -150,15 +150,17 @@ def check_point(d: dict, where: str) -> None:
     if s.mode == "replace" and any(len(p.split()) != len(s.prompt.split()) for p in prompts):
         raise UserError(f"{where}: a word swap (mode 'replace') needs targets with as many words as the prompt "
                         f"{s.prompt!r}; use mode = 'refine' to add words")
-    words = [("blend", w) for w in s.blend] + [("blend_subtract", w) for w in s.blend_subtract]
-    words += [("reweight", w) for w in s.reweight]
+    targets = prompts[1:]  # the edit functions look for cross_replace and reweight words in the targets
+    words = [("blend", w, prompts) for w in s.blend] + [("blend_subtract", w, prompts) for w in s.blend_subtract]
+    words += [("reweight", w, targets) for w in s.reweight]
     if isinstance(s.cross_replace, dict):
-        words += [("cross_replace", w) for w in s.cross_replace if w != "default_"]
-    for what, w in words:
+        words += [("cross_replace", w, targets) for w in s.cross_replace if w != "default_"]
+    for what, w, among in words:
         for word in (w if isinstance(w, (list, tuple)) else [w]):  # blend may list words per prompt
-            if isinstance(word, str) and not any(_in_prompt(word, p) for p in prompts):
-                raise UserError(f"{where}: {what} word {word!r} is in none of the prompts "
-                                + "; ".join(map(repr, prompts)) + ": use a word of the prompts or fix the prompt")
+            if isinstance(word, str) and not any(_in_prompt(word, p) for p in among):
+                raise UserError(f"{where}: {what} word {word!r} is in none of the "
+                                f"{'prompts' if among is prompts else 'targets'} " + "; ".join(map(repr, among))
+                                + ": use a word of them or fix the prompt")
 
 
 def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -> Experiment:
