@@ -118,7 +118,7 @@ def tables(summary: list[dict]) -> str:
         cs = [f"{c:g}" for c in FADER]
         out += ["Fader (reweight the word by c; strength in the source's object mask: pattern contrast "
                 "(L90 - L10) / L90, colour saturation):", ""]
-        rows = [[s["attribute"], str(s["n"]), _fmt(s.get("monotone"), True), *(_fmt(s[f"s@{c}"], digits=3) for c in cs),
+        rows = [[s["attribute"], str(s["n"]), _fmt(s.get("monotone"), True), *(_fmt(s.get(f"s@{c}"), digits=3) for c in cs),
                  _fmt(s["ratio"])] for s in kind("fader")]
         out += [*_table(["word", "n", "monotone in c", *(f"c={c}" for c in cs), "c=3 / c=-1"], rows), ""]
     if kind("blend"):
