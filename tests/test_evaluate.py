@@ -139,3 +139,80 @@ def test_aggregate_and_targets_by_hand():
     assert met["fader (pattern): strength at c=3 / at c=-1"] is True and met["fader (pattern): monotone in c"] is False
     assert met["plain generation: shape read right"] is None  # not measured
     assert "| colour | P2P | 0.8 | 2 | 50% | 0.90 |" in tables(list(s.values()))
+
+
+# --- per-case claims on the shipped model (big objects, fixed seeds) --------------------------------------------
+
+def big(shape, colour, background, swaps, pattern="striped"):
+    thing = scenes.Thing(shape, colour, "plain", "big", 0.5, 0.5, 0.22, 0.0)
+    return Case(scenes.Scene((thing,), background, "plain", 0), 0, swaps, pattern, "red")
+
+
+CASES = [big("square", "red", "green", {"colour": "blue"}), big("circle", "yellow", "purple", {"colour": "white"}),
+         big("diamond", "blue", "orange", {"colour": "yellow"}, "dotted")]
+SEEDS = (0, 1)
+P2P_MIN_OK = 5  # colour swaps the judge reads as asked, of 6; measured 6 on the shipped model
+IOU_GAIN = 0.2  # mean mask IoU of P2P over the baseline's; measured 0.66 against 0.35
+REFINE_IOU = 0.85  # refinement keeps the object's mask; measured 0.90 to 0.97
+ROUNDTRIP_PSNR = 23.0  # dB, every scene; measured 24.5 to 30.2 (6 scenes of seed 11)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained("embedded", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def colour_swaps(pipe):
+    cases = [replace(c, seed=s) for c in CASES for s in SEEDS]
+    return [(measure_swaps(pipe, c, "P2P", ("colour",))[0], measure_swaps(pipe, c, "baseline", ("colour",))[0])
+            for c in cases]
+
+
+def test_colour_swaps_keep_the_object_better_than_the_baseline(colour_swaps):
+    """The paper's claim in miniature, through `p2p eval`'s measure: P2P's edit succeeds and keeps the source's
+    mask; the baseline (the same as P2P with every injection off) keeps visibly less of it."""
+    assert sum(p["success"] for p, _ in colour_swaps) >= P2P_MIN_OK, colour_swaps
+    p2p, base = np.mean([p["iou"] for p, _ in colour_swaps]), np.mean([b["iou"] for _, b in colour_swaps])
+    assert p2p >= base + IOU_GAIN, (p2p, base)
+
+
+def test_the_baseline_is_p2p_with_no_injection(pipe, colour_swaps):
+    """A broken P2P (cross_replace 0, self_replace 0) draws the baseline's images, so it scores the lower IoU."""
+    case, (_, base) = replace(CASES[0], seed=SEEDS[0]), colour_swaps[0]
+    s = EditSettings(case.prompt, (base["target"],), cross_replace=0.0, self_replace=0.0, seed=case.seed)
+    broken = run_edit(pipe, s, progress=False).images
+    for a, b in zip(broken, base["images"]):
+        assert np.abs(np.asarray(a, float) - np.asarray(b, float)).max() <= 2
+
+
+def test_refinement_keeps_the_object(pipe):
+    rows = [measure_refine(pipe, replace(c, seed=SEEDS[0])) for c in CASES]
+    assert min(r["iou"] for r in rows) >= REFINE_IOU, rows
+
+
+def test_fader_moves_the_strength(pipe):
+    """Pattern: c = 3 shows more stripe contrast than c = -1 (measured 0.188 against 0.156). Colour: c = -1
+    washes the colour out against the source, c = 1 (measured saturation 0.57 against 0.94)."""
+    striped = replace(CASES[0], scene=scenes.with_attribute(CASES[0].scene, 0, "pattern", "striped"))
+    pattern = measure_fader(pipe, striped, "pattern")
+    assert pattern["s@3"] > pattern["s@-1"] + 0.01, pattern
+    colour = measure_fader(pipe, CASES[0], "colour")
+    assert colour["s@-1"] < colour["s@1"] - 0.2, colour
+
+
+def test_vae_round_trip(pipe):
+    rows = [measure_roundtrip(pipe, s) for *_, s in scenes.sample(6, 11)]
+    assert all(r["clean_read"] == 1 for r in rows)  # the judge reads the renderings themselves
+    assert min(r["psnr"] for r in rows) >= ROUNDTRIP_PSNR, [r["psnr"] for r in rows]
+
+
+def test_cli_eval_writes_rows_and_tables(tmp_path):
+    out = tmp_path / "eval"
+    assert cli(["eval", "--n", "1", "--parts", "plain,vae", "--out-dir", str(out), "--quiet"]) == 0
+    d = json.loads((out / "eval.json").read_text())
+    assert d["n"] == 1 and sorted(r["kind"] for r in d["rows"]) == ["plain", "vae"]
+    assert {t["what"] for t in d["targets"]} >= {"VAE round trip PSNR (dB)", "plain generation: shape read right"}
+    md = (out / "eval.md").read_text()
+    assert "Plain generation" in md and "VAE round trip" in md and "Targets (issue 11" in md
+    assert sorted(p.name for p in (out / "examples").iterdir()) == ["plain_000.png", "vae_000.png"]
