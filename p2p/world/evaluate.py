@@ -25,7 +25,6 @@ Every case is fixed by `seed`; the model folder's own sampling defaults (steps, 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
 from itertools import permutations
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from p2p.core.run import run_edit
 from p2p.core.settings import EditSettings
 from p2p.files.images import encode_image, psnr
+from p2p.files.output import grid, save_image
 from p2p.world import scenes
 from p2p.world.judge import _dilate, _erode, centroid_shift, iou, judge, match
 
@@ -357,8 +357,6 @@ def evaluate(pipe, n: int = 48, seed: int = 0, parts=PARTS, steps: int | None = 
              examples: Path | None = None) -> list[dict]:
     """Run every measure of `parts` on n cases per row kind; the rows, each with the index of its case.
     `examples`: also write each row's images (source, edit, ...) there as one sheet per row."""
-    from p2p.files.output import grid, save_image  # noqa: PLC0415 (drawing only when asked)
-
     rows = []
     for k, job in tqdm(plan(pipe, n, seed, parts, steps), desc="eval", disable=not progress):
         out = job()
@@ -396,8 +394,3 @@ def aggregate(rows: list[dict]) -> list[dict]:
         out.append(s)
     return out
 
-
-def save_rows(rows: list[dict], path: Path, **meta) -> None:
-    """The per-case rows (and `meta`) as JSON."""
-    clean = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in _plain(r).items()} for r in rows]
-    path.write_text(json.dumps({**meta, "rows": clean}, indent=1) + "\n")

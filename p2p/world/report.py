@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2p.world.evaluate import ATTRIBUTES, FADER, SHAPE_CROSS, save_rows
+from p2p.world.evaluate import ATTRIBUTES, FADER, SHAPE_CROSS
 
 VISIBLE = 0.10  # "the baseline's IoU is visibly lower": at least this much below P2P's
 
@@ -143,9 +143,14 @@ def tables(summary: list[dict]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _clean(d: dict) -> dict:
+    """JSON has no nan or inf: None there; no images."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items() if k != "images"}
+
+
 def save(rows: list[dict], summary: list[dict], out_dir: Path, **meta) -> None:
     """eval.json (meta, the summary, the targets, the per-case rows) and eval.md (the tables) in out_dir."""
-    clean = lambda d: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}  # noqa: E731
-    save_rows(rows, out_dir / "eval.json", **meta, summary=[clean(s) for s in summary],
-              targets=[clean(t) for t in check_targets(summary)])
+    d = {**meta, "summary": [_clean(s) for s in summary], "targets": [_clean(t) for t in check_targets(summary)],
+         "rows": [_clean(r) for r in rows]}
+    (out_dir / "eval.json").write_text(json.dumps(d, indent=1) + "\n")
     (out_dir / "eval.md").write_text(tables(summary))
