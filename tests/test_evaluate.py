@@ -216,3 +216,13 @@ def test_cli_eval_writes_rows_and_tables(tmp_path):
     md = (out / "eval.md").read_text()
     assert "Plain generation" in md and "VAE round trip" in md and "Targets (issue 11" in md
     assert sorted(p.name for p in (out / "examples").iterdir()) == ["plain_000.png", "vae_000.png"]
+
+
+def test_cli_eval_refuses_a_model_of_another_size(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from p2p.cli import commands
+    monkeypatch.setattr(commands, "load_pipeline", lambda args: SimpleNamespace(cfg=SimpleNamespace(image_size=512)))
+    assert cli(["eval", "--n", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "64 px" in err and "512 px" in err

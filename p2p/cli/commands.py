@@ -273,11 +273,15 @@ def cmd_attention(args) -> int:
 
 def cmd_eval(args) -> int:
     from p2p.world.evaluate import PARTS, aggregate, evaluate
+    from p2p.world.judge import SIZE
     from p2p.world.report import save, tables
 
     if args.out_dir:
         check_output(args.out_dir, folder=True)
     pipe = load_pipeline(args)
+    if pipe.cfg.image_size != SIZE:
+        raise UserError(f"p2p eval measures models of the scene generator's {SIZE} px images (p2p/world/judge.py "
+                        f"reads them); {args.model} makes {pipe.cfg.image_size} px images")
     meta = {"model": str(args.model), "n": args.n, "seed": args.seed or 0, "steps": args.steps or pipe.cfg.steps,
             "parts": list(args.parts or PARTS)}
     run = lambda examples: evaluate(pipe, n=args.n, seed=args.seed or 0, parts=args.parts or PARTS,  # noqa: E731
