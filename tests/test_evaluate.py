@@ -128,7 +128,9 @@ def test_aggregate_and_targets_by_hand():
             {"kind": "swap", "method": "baseline", "attribute": "colour", "cross_replace": None, "success": 1.0,
              "iou": 0.85, "kept": 1.0},
             *[{"kind": "fader", "attribute": "pattern", f"s@{FADER[0]:g}": lo, f"s@{FADER[-1]:g}": hi, "monotone": m}
-              for lo, hi, m in ((0.1, 0.3, 1.0), (0.2, 0.5, 0.0))]]
+              for lo, hi, m in ((0.1, 0.3, 1.0), (0.2, 0.5, 0.0))],
+            {"kind": "blend", "method": "P2P", "attribute": "colour", "psnr_other": 41.5},
+            {"kind": "blend", "method": "P2P + local blend", "attribute": "colour", "psnr_other": 42.0}]
     s = {(x["kind"], x.get("method")): x for x in aggregate(rows)}
     p2p = s["swap", "P2P"]
     assert (p2p["n"], p2p["success"], p2p["iou"], p2p["n_iou"], p2p["kept"]) == (2, 0.5, 0.9, 1, 0.75)
@@ -138,6 +140,8 @@ def test_aggregate_and_targets_by_hand():
     assert met["colour swap, baseline: mask IoU visibly lower (P2P's - 0.10)"] is False  # 0.85 > 0.9 - 0.1
     assert met["fader (pattern): strength at c=3 / at c=-1"] is True and met["fader (pattern): monotone in c"] is False
     assert met["plain generation: shape read right"] is None  # not measured
+    assert met["local blend: untouched object's PSNR (dB)"] is True
+    assert met["without blend: untouched object's PSNR lower (with blend's - 1 dB)"] is False  # 0.5 dB is no drift
     assert "| colour | P2P | 0.8 | 2 | 50% | 0.90 |" in tables(list(s.values()))
 
 

@@ -7,7 +7,8 @@
 
 A target is a bound on one measure of one row kind, absolute (colour swap success >= 90%) or relative to
 another row kind (the baseline's mask IoU at most P2P's minus VISIBLE, the paper's claim that plain
-generation of the target keeps little of the source's layout, Sec. 4).
+generation of the target keeps little of the source's layout, Sec. 4; without local blend, the untouched
+object's PSNR at least DRIFT below blend's, Sec. 3.2).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from p2p.world.evaluate import ATTRIBUTES, FADER, SHAPE_CROSS
 
 VISIBLE = 0.10  # "the baseline's IoU is visibly lower": at least this much below P2P's
+DRIFT = 1.0  # dB: "lower without [blend]": the untouched object's PSNR at least this much below blend's
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ def _targets() -> list[Target]:
               Target(f"fader ({a}): strength at c=3 / at c=-1", key, "ratio", ">=", 2.0, percent=False)]
     blend = ("blend", "P2P + local blend", "colour", None)
     t += [Target("local blend: untouched object's PSNR (dB)", blend, "psnr_other", ">=", 40.0, percent=False),
-          Target("without blend: untouched object's PSNR lower than with (dB)", ("blend", "P2P", "colour", None), "psnr_other",
-                 "<=", 0.0, ref=blend, percent=False)]
+          Target(f"without blend: untouched object's PSNR lower (with blend's - {DRIFT:g} dB)",
+                 ("blend", "P2P", "colour", None), "psnr_other", "<=", -DRIFT, ref=blend, percent=False)]
     return t
 
 
@@ -123,15 +125,15 @@ def tables(summary: list[dict]) -> str:
         out += [*_table(["word", "n", "monotone in c", *(f"c={c}" for c in cs), "c=3 / c=-1"], rows), ""]
     if kind("blend"):
         out += ["Local blend on two-object scenes (one object's colour swapped, blend on its shape word):", ""]
-        rows = [[s["method"], str(s["n"]), _fmt(s["two_objects"], True), _fmt(s["success"], True),
+        rows = [[s["method"], str(s["n"]), _fmt(s.get("two_objects"), True), _fmt(s.get("success"), True),
                  _fmt(s.get("psnr_other"), digits=1), _fmt(s.get("psnr_out"), digits=1)] for s in kind("blend")]
         out += [*_table(["method", "n", "source shows two objects", "edit success", "untouched object PSNR (dB)",
                          "PSNR outside both (dB)"], rows), ""]
     for s in kind("vae"):
         out += ["VAE round trip D(E(x)) of rendered scenes:", "",
                 *_table(["n", "PSNR (dB)", "judge reads all (round trip)", "judge reads all (rendering)"],
-                        [[str(s["n"]), _fmt(s["psnr"], digits=1), _fmt(s["all_read"], True),
-                          _fmt(s["clean_read"], True)]]), ""]
+                        [[str(s["n"]), _fmt(s.get("psnr"), digits=1), _fmt(s.get("all_read"), True),
+                          _fmt(s.get("clean_read"), True)]]), ""]
     checked = [t for t in check_targets(summary) if t["n"]]
     if checked:
         mark = {True: "yes", False: "**no**", None: "-"}
