@@ -183,6 +183,7 @@ EDIT = ["edit", "--prompt", PROMPT, "--target", TARGET, "--out-dir", "{out}"]
     (EDIT + ["--cross-res", "-8"], ["--cross-res", ">= 0"]),
     (["eval", "--n", "0"], ["--n", "positive", "got 0"]),
     (["eval", "--n", "-3"], ["--n", "got -3"]),
+    (["eval", "--parts", "plain,fadr"], ["--parts", "plain,swaps,refine,fader,blend,vae", "'plain,fadr'"]),
     (["attention", "--prompt", PROMPT, "--out", "{out}.png", "--res", "0"], ["--res", "positive", "got 0"]),
     (["attention", "--prompt", PROMPT, "--out", "{out}.png", "--window", "0.5,0.2"],
      ["--window", "start <= end", "got 0.5,0.2"]),

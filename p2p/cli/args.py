@@ -155,6 +155,15 @@ def places(text: str) -> tuple[str, ...]:
     return values
 
 
+def eval_parts(text: str) -> tuple[str, ...]:
+    from p2p.world.evaluate import PARTS
+
+    values = tuple(x.strip() for x in text.split(","))
+    if not values or any(v not in PARTS for v in values):
+        raise argparse.ArgumentTypeError(f"takes parts among {','.join(PARTS)}, separated by commas; got {text!r}")
+    return values
+
+
 def max_res(text: str) -> int | str:
     if text == "all":
         return text
@@ -358,12 +367,16 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="output image (.png, .jpg or .webp)")
     add_image_args(p, edit=True)
 
-    p = command("eval", "score P2P against plain generation on scene-model prompts (p2p/world/evaluate.py)")
+    p = command("eval", "measure Prompt-to-Prompt on a scene model: text alignment, word swaps against the "
+                "baseline, refinement, the fader, local blend, the VAE (p2p/world/evaluate.py)")
     add_model_args(p)
-    p.add_argument("--n", type=checked("n"), default=24, help="number of scenes, at least 1 (default 24)")
-    p.add_argument("--seed", type=checked("seed"), help="seed of the scenes and of z_T (default 0)")
+    p.add_argument("--n", type=checked("n"), default=48, help="cases per row, at least 1 (default 48)")
+    p.add_argument("--seed", type=checked("seed"), help="seed of the cases and of z_T (default 0)")
+    p.add_argument("--parts", type=eval_parts, help="what to measure, separated by commas (default all: "
+                   "plain,swaps,refine,fader,blend,vae)")
     add_steps_arg(p)
-    p.add_argument("--out-dir", help="also write eval.json, eval.md and a grid per scene here")
+    p.add_argument("--out-dir", help="also write eval.json (per-case rows, summary, targets), eval.md and the "
+                   "images of every row (examples/) here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("run", "run an experiment file: a grid of edits with a results table, resumable, sharded "

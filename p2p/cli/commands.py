@@ -272,21 +272,30 @@ def cmd_attention(args) -> int:
 # --- eval, vocab, download, convert ------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from p2p.world.evaluate import evaluate, save
+    from p2p.world.evaluate import PARTS, aggregate, evaluate
+    from p2p.world.judge import SIZE
+    from p2p.world.report import save, tables
 
     if args.out_dir:
         check_output(args.out_dir, folder=True)
     pipe = load_pipeline(args)
-    run = lambda examples: evaluate(pipe, n=args.n, seed=args.seed or 0, steps=args.steps,  # noqa: E731
-                                    progress=not args.quiet, examples=examples)
+    if pipe.cfg.image_size != SIZE:
+        raise UserError(f"p2p eval measures models of the scene generator's {SIZE} px images (p2p/world/judge.py "
+                        f"reads them); {args.model} makes {pipe.cfg.image_size} px images")
+    meta = {"model": str(args.model), "n": args.n, "seed": args.seed or 0, "steps": args.steps or pipe.cfg.steps,
+            "parts": list(args.parts or PARTS)}
+    run = lambda examples: evaluate(pipe, n=args.n, seed=args.seed or 0, parts=args.parts or PARTS,  # noqa: E731
+                                    steps=args.steps, progress=not args.quiet, examples=examples)
+    t0 = time.perf_counter()
     if not args.out_dir:
-        report = run(None)
+        summary = aggregate(run(None))
     else:
         with staged_folder(args.out_dir) as tmp:  # eval.json, eval.md and examples/ appear together
-            report = run(tmp / "examples")
-            save(report, tmp / "eval.json")
-            (tmp / "eval.md").write_text(report.table() + "\n")
-    print(report.table())
+            rows = run(tmp / "examples")
+            summary = aggregate(rows)
+            save(rows, summary, tmp, **meta, seconds=round(time.perf_counter() - t0, 1))
+    print(tables(summary))
+    print(f"{args.n} cases per row, {meta['steps']} steps, {time.perf_counter() - t0:.0f} s")
     return 0
 
 
