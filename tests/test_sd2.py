@@ -204,3 +204,180 @@ def test_seeded_generation_equals_diffusers(folder, kw):
     with torch.no_grad():
         text, _ = ref.encode_prompt(PROMPTS, "cpu", 1, False)
         assert (pipe.encode_text(PROMPTS) - text).abs().max() <= TOL
+
+
+# --- loading: the real layouts, a single file in open_clip's layout, errors -------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,  # noqa: E402
+                                                 convert_open_clip_checkpoint)
+from safetensors.torch import save_file  # noqa: E402
+
+from models.checkpoint import (CheckpointError, UNET_RESNET_RENAMES, VAE_RENAMES, clip_from_open_clip,  # noqa: E402
+                               load_module, rename, split_prefix, unet_from_compvis, unet_prefixes, vae_from_diffusers,
+                               vae_prefixes)
+from p2p.cli import main as cli  # noqa: E402
+from p2p.files.loading import split_single_file  # noqa: E402
+from tests.open_clip_ref import open_clip_modules, sd2_text_states  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SD2 = PRESETS["sd2"]
+
+
+def fixture(name):
+    d = json.loads((FIXTURES / name).read_text())
+    d.pop("_meta")
+    return d
+
+
+def meta(keys_shapes):
+    return {k: torch.empty(s, device="meta") for k, s in keys_shapes.items()}
+
+
+def test_real_sd2_single_file_is_consumed_completely():
+    keys = fixture("sd2_single_file_keys.json")
+    assert len(keys) == 1242  # UNet 686 + VAE 248 + open_clip 294 + DDPM 12 + model_ema 2 (byte-exact, see _meta)
+    for name in ("sd2", "sd2-base"):
+        cfg = PRESETS[name]
+        sds = split_single_file(meta(keys), cfg)
+        with torch.device("meta"):
+            for module, part in ((UNet(cfg.unet), "unet"), (AutoencoderKL(cfg.vae), "vae"),
+                                 (CLIPTextModel(cfg.text), "text")):
+                load_module(module, sds[part], part)
+
+
+def test_real_sd2_diffusers_folder_is_consumed_completely():
+    keys = fixture("sd2_diffusers_keys.json")
+    with torch.device("meta"):
+        load_module(UNet(SD2.unet), meta(keys["unet"]), "UNet")
+        load_module(AutoencoderKL(SD2.vae), vae_from_diffusers(meta(keys["vae"])), "VAE")
+        load_module(CLIPTextModel(SD2.text), split_prefix(meta(keys["text_encoder"]), "text_model."), "text encoder")
+
+
+def test_our_sd2_mapping_equals_diffusers_on_the_real_layout():
+    """Every real UNet key goes where convert_ldm_unet_checkpoint puts it, every open_clip key where
+    convert_open_clip_checkpoint does (q/k/v split rows included), block 23 and the projection dropped."""
+    keys = fixture("sd2_single_file_keys.json")
+    full = ("in_proj", "text_projection")  # tensors whose values (split rows) or shape (its width) matter
+    tagged = {k: torch.arange(float(i), i + torch.Size(s).numel()).reshape(s) if len(s) <= 1 or k.endswith(full)
+              or "in_proj" in k else torch.tensor([float(i)]) for i, (k, s) in enumerate(keys.items())}
+    unet = {k: v for k, v in tagged.items() if k.startswith("model.diffusion_model.")}
+    with torch.device("meta"):
+        unet_cfg = dict(reference_unet(SD2.unet).config)
+        text_model = RefCLIP(RefCLIPConfig(**{k: getattr(SD2.text, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act")}))
+    ours = unet_from_compvis(split_prefix(unet, "model.diffusion_model."), SD2.unet)
+    theirs = convert_ldm_unet_checkpoint(unet, unet_cfg)
+    assert {k: v.flatten()[0].item() for k, v in ours.items()} == {k: v.flatten()[0].item() for k, v in theirs.items()}
+    text = {k: v for k, v in tagged.items() if k.startswith("cond_stage_model.model.")}
+    ours = clip_from_open_clip(split_prefix(text, "cond_stage_model.model."), SD2.text.num_hidden_layers)
+    theirs = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(text_model, text).items()}
+    assert ours.keys() == theirs.keys() and len(ours) == 372
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+@pytest.fixture(scope="module")
+def tiny_single_file(clip_vocab_dir, tmp_path_factory):
+    """A tiny SD 2 single file: UNet and VAE of a diffusers reference in CompVis names (the inverse of our tables,
+    checked against diffusers' converter), the text tower a real open_clip TextTransformer with one block more than
+    SD 2 uses, its projection and a logit_scale. Returns (reference pipeline, open_clip tower, path)."""
+    oc = open_clip_modules()
+    if oc is None:
+        pytest.skip("open_clip_torch is not installed")
+    ref = reference_pipeline(clip_vocab_dir, cfg=TINY)
+    torch.manual_seed(1)
+    tower = oc[0].TextTransformer(context_length=77, vocab_size=49408, width=32, heads=4, layers=3, mlp_ratio=2,
+                                  output_dim=32).eval()
+    up = {v: k for k, v in unet_prefixes(TINY.unet).items()}
+    us = {v: k for k, v in UNET_RESNET_RENAMES.items()}
+    vp = {v: k for k, v in vae_prefixes(len(TINY.vae.block_out_channels)).items()}
+    vs = {v: k for k, v in VAE_RENAMES.items()}
+    sd = {"model.diffusion_model." + rename(k, up, us): v for k, v in ref.unet.state_dict().items()}
+    for k, v in ref.vae.state_dict().items():
+        k = rename(k, vp, vs)
+        sd["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    sd.update({"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()})
+    sd["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    assert convert_ldm_unet_checkpoint(sd, dict(ref.unet.config)).keys() == ref.unet.state_dict().keys()
+    path = tmp_path_factory.mktemp("sd2_single") / "tiny-sd2-512.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return ref, tower, path
+
+
+def test_tiny_single_file_matches_diffusers_and_open_clip(tiny_single_file, clip_vocab_dir):
+    ref, tower, path = tiny_single_file
+    pipe = Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny-sd2", device="cpu")
+    assert pipe.cfg.family == "sd-v2" and isinstance(pipe.tokenizer, OpenCLIPTokenizer)
+    g = torch.Generator().manual_seed(0)
+    # 16x16: at 8x8 the mid block's GroupNorm sees 1x1 maps, 2 values per group, and amplifies float rounding
+    z_t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    ids = pipe.tokenizer.encode(PROMPTS)
+    with torch.no_grad():
+        assert (pipe.unet(z_t, 981, ctx) - ref.unet(z_t, 981, encoder_hidden_states=ctx).sample).abs().max() <= TOL
+        assert (pipe.vae.decode(z_t) - ref.vae.decode(z_t / 0.18215).sample).abs().max() <= TOL
+        # open_clip's own forward, cut after the penultimate block and layer-normed as SD 2 does
+        assert (pipe.text_encoder(ids) - sd2_text_states(tower, ids)).abs().max() <= TOL
+
+
+def test_tokenizer_equals_open_clip_tokenize(clip_vocab_dir):
+    oc = open_clip_modules()
+    if oc is None:
+        pytest.skip("open_clip_torch is not installed")
+    prompts = PROMPTS + ["a cat! a dog!! (watercolor)", "! !! !!!"]
+    expected = oc[1].tokenize(prompts)
+    assert torch.equal(OpenCLIPTokenizer.from_path(clip_vocab_dir).encode(prompts), expected)
+
+
+def test_sd2_file_read_as_sd_v1_and_the_reverse(tiny_single_file, clip_vocab_dir, tmp_path):
+    _, _, path = tiny_single_file
+    with pytest.raises(CheckpointError, match="is a Stable Diffusion 2.x checkpoint but is being read with a "
+                                              "'sd-v1' config"):
+        Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny", device="cpu")
+    v1 = fixture("sd_v1_single_file_keys.json")
+    with pytest.raises(CheckpointError, match="is a Stable Diffusion v1 checkpoint but is being read with a "
+                                              "'sd-v2' config"):
+        split_single_file(meta(v1), SD2)
+
+
+def test_sd2_single_file_size_comes_from_the_name_or_the_config(tiny_single_file, clip_vocab_dir, tmp_path):
+    _, _, path = tiny_single_file
+    anon = tmp_path / "model.safetensors"
+    anon.symlink_to(path)
+    with pytest.raises(CheckpointError, match="do not say whether it is the 512 px eps model or the 768 px "
+                                              "v-prediction model.*--model-config sd2-base .* or sd2"):
+        Pipeline.from_pretrained(anon, tokenizer=clip_vocab_dir, device="cpu")
+    named = tmp_path / "v2-1_768-ema-pruned.safetensors"
+    named.symlink_to(path)
+    with pytest.raises(CheckpointError, match="named as the 768 px Stable Diffusion 2.x model, which predicts "
+                                              "'v_prediction', but the config given says 'epsilon'"):
+        Pipeline.from_pretrained(named, tokenizer=clip_vocab_dir, config="tiny-sd2", device="cpu")
+
+
+def test_v_model_with_an_eps_scheduler_config(clip_vocab_dir, tmp_path):
+    """A 768 px SD 2 folder (unet sample_size 96) whose scheduler says epsilon (as early 2.0 configs lacked
+    prediction_type): one error naming the fix; `p2p generate` prints it as one line."""
+    ref = reference_pipeline(clip_vocab_dir, cfg=TINY)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    unet_json = tmp_path / "unet" / "config.json"
+    unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": 96}))
+    with pytest.raises(CheckpointError, match="prediction_type 'epsilon', but a 768 px Stable Diffusion 2.x model "
+                                              "predicts 'v_prediction'.*\"prediction_type\": \"v_prediction\""):
+        Pipeline.from_pretrained(tmp_path, device="cpu")
+
+
+def test_cli_prints_one_line(clip_vocab_dir, tmp_path, capsys):
+    ref = reference_pipeline(clip_vocab_dir, cfg=TINY)
+    ref.save_pretrained(tmp_path / "m", safe_serialization=True)
+    sched = tmp_path / "m" / "scheduler" / "scheduler_config.json"
+    unet_json = tmp_path / "m" / "unet" / "config.json"
+    unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": 96}))
+    assert json.loads(sched.read_text())["prediction_type"] == "epsilon"
+    capsys.readouterr()  # diffusers' progress bars while saving
+    assert cli(["generate", "--model", str(tmp_path / "m"), "--prompt", "a cat", "--steps", "1", "--device", "cpu",
+                "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "v_prediction" in err and "Traceback" not in err
