@@ -381,3 +381,42 @@ def test_cli_prints_one_line(clip_vocab_dir, tmp_path, capsys):
                 "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "v_prediction" in err and "Traceback" not in err
+
+
+# --- Prompt-to-Prompt defaults and the manifest ------------------------------------------------------------
+
+def test_p2p_defaults_select_the_authors_layers_at_768():
+    """At 768 px the authors' 16x16 rule becomes the latent/4 level, 24x24: the same 5 cross-attention layers blend
+    (down_blocks.2, up_blocks.1), the same 6 self-attention layers take the injection (24x24 and the 12x12 mid)."""
+    from p2p.core.sites import p2p_defaults
+
+    for name, grid in (("sd2", 24), ("sd2-base", 16)):
+        cfg = PRESETS[name]
+        with torch.device("meta"):
+            sites = UNet(cfg.unet).sites
+        d = p2p_defaults(cfg)
+        hw = lambda s: (s.res, s.res)  # noqa: E731  (at the native size)
+        blend = [s.name for s in sites if d.blend_sites.selects(s, hw(s))]
+        assert len(blend) == 5 and all(n.startswith(("down_blocks.2.", "up_blocks.1.")) for n in blend)
+        injected = [s for s in sites if s.kind == "self" and d.self_sites.selects(s, hw(s))]
+        assert len(injected) == 6 and {s.res for s in injected} == {grid, grid // 2}
+        stored = {s.res for s in sites if d.store_sites.selects(s, hw(s))}
+        assert stored == ({24, 12} if name == "sd2" else {32, 16, 8})
+
+
+def test_manifest_has_the_public_sd2_files_with_the_reference_hashes(capsys):
+    from p2p.files.download import load_manifest
+
+    m = load_manifest()
+    single = {"sd2-1": "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
+              "sd2-1-base": "df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2"}
+    for name, sha in single.items():
+        (f,) = m[name]["files"]
+        assert m[name]["family"] == "sd-v2" and f["sha256"] == sha and f["size"] == 5_214_604_494
+    for name in ("sd2-1-diffusers", "sd2-1-base-diffusers"):
+        weights = {f["path"]: f["sha256"] for f in m[name]["files"] if f["path"].endswith(".safetensors")}
+        assert weights["text_encoder/model.safetensors"].startswith("cce6febb")
+        assert weights["vae/diffusion_pytorch_model.safetensors"].startswith("a1d99348")
+    assert cli(["download", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("sd2-1", "sd2-1-base", "sd2-1-diffusers", "sd2-1-base-diffusers"))
