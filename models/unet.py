@@ -135,14 +135,14 @@ class Transformer2D(nn.Module):
     def forward(self, x, context, controller):
         h, w = x.shape[-2:]
         r = x
-        if self.linear:
-            x = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        if self.linear:  # contiguous token-major copies: strided inputs send the Linear and the next conv down slow paths
+            x = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c").contiguous())
         else:
             x = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             x = block(x, context, controller, (h, w))
         if self.linear:
-            return rearrange(self.proj_out(x), "b (h w) c -> b c h w", h=h) + r
+            return rearrange(self.proj_out(x), "b (h w) c -> b c h w", h=h).contiguous() + r
         return self.proj_out(rearrange(x, "b (h w) c -> b c h w", h=h)) + r
 
 

@@ -236,7 +236,8 @@ def split_single_file(sd: dict, cfg: ModelConfig, ema: bool = True, path: Path |
     fam = identify(sd, path)
     if fam.name != cfg.family:
         raise CheckpointError(f"{path} is a {fam.title} checkpoint but is being read with a {cfg.family!r} config; "
-                              f"leave out --model-config (the family is detected) or give a {fam.name!r} preset")
+                              "leave out --model-config (the family is detected) or give "
+                              + " or ".join(repr(p) for p in (fam.presets or (fam.preset,))))
     unet = split_prefix(sd, UNET)
     ema_keys = {k for k in sd if k.startswith("model_ema.")} - IGNORED_KEYS
     if ema and len(ema_keys) > 100:  # a full-EMA file: the EMA copy is the one to sample with
