@@ -28,7 +28,12 @@ def reference_unet(cfg) -> UNet2DConditionModel:
         cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.heads if isinstance(cfg.heads, int) else tuple(cfg.heads),
         norm_num_groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
-        upcast_attention=cfg.upcast_attention).eval()
+        upcast_attention=cfg.upcast_attention,
+        transformer_layers_per_block=cfg.transformer_layers if isinstance(cfg.transformer_layers, int)
+        else tuple(cfg.transformer_layers),
+        **(dict(addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
+                projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim)
+           if cfg.addition_time_embed_dim else {})).eval()
 
 
 def reference_vae(cfg) -> AutoencoderKL:
