@@ -211,7 +211,9 @@ def vae_config_from_diffusers(d: dict) -> VAEConfig:
 def clip_config_from_transformers(d: dict) -> CLIPTextConfig:
     if d.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise UserError(f"text_encoder/config.json: model_type {d.get('model_type')!r} is not a CLIP text model")
-    keys = {f.name for f in fields(CLIPTextConfig)}
+    # `projection_dim` of a CLIPTextModel config is a placeholder (SD v1 says 768, SD 2 512): the projection and the
+    # layer used are the family's choice, not the file's
+    keys = {f.name for f in fields(CLIPTextConfig)} - {"layer", "projection_dim"}
     cfg = CLIPTextConfig(**{k: d[k] for k in keys if k in d})
     if cfg.hidden_act not in ("quick_gelu", "gelu"):
         raise UserError(f"text_encoder/config.json: hidden_act {cfg.hidden_act!r} is not supported")

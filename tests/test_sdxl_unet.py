@@ -73,3 +73,38 @@ def test_micro_conditioning_is_required(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="micro-conditioned"):
         ours(torch.randn(1, 4, 16, 16), 1, torch.randn(1, 77, 48))
+
+
+# --- SDXL's text towers ------------------------------------------------------------------------------------
+
+from transformers import CLIPTextConfig as RefCLIPConfig  # noqa: E402
+from transformers import CLIPTextModel as RefCLIP  # noqa: E402
+from transformers import CLIPTextModelWithProjection as RefCLIPProj  # noqa: E402
+
+from models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+
+@pytest.mark.parametrize("act,projection", [("quick_gelu", 0), ("gelu", 24)])
+def test_text_towers_as_sdxl_uses_them(act, projection):
+    """CLIP-L (quick-GELU, no projection) and OpenCLIP bigG (GELU, projection) in miniature: the states are
+    transformers' hidden_states[-2] (no final LayerNorm), the pooled vector its text_embeds."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=77, hidden_act=act)
+    ref_cls = RefCLIPProj if projection else RefCLIP
+    ref = ref_cls(RefCLIPConfig(**kw, projection_dim=projection or 32, eos_token_id=2)).eval()
+    ours = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in kw.items() if k != "max_position_embeddings"},
+                                        layer="penultimate", projection_dim=projection)).eval()
+    sd = {k.removeprefix("text_model."): v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    ours.load_state_dict(sd, strict=True)
+    ids = torch.randint(1, 49000, (2, 77), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[0, 9:], ids[1, 30:] = 49406, 0, 0
+    ids[0, 8], ids[1, 29] = 49407, 49407
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        states, pooled = ours.states_and_pooled(ids)
+    assert (states - out.hidden_states[-2]).abs().max() <= 1e-4
+    if projection:
+        assert (pooled - out.text_embeds).abs().max() <= 1e-4
+    else:
+        assert pooled is None
