@@ -84,6 +84,7 @@ UNET_FIXED = {
     "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
     "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",
     "middle_block.2.": "mid_block.resnets.1.",
+    "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",  # SDXL (sgm)
 }
 VAE_FIXED = {
     "encoder.norm_out.": "encoder.conv_norm_out.", "decoder.norm_out.": "decoder.conv_norm_out.",

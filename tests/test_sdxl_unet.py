@@ -108,3 +108,24 @@ def test_text_towers_as_sdxl_uses_them(act, projection):
         assert (pooled - out.text_embeds).abs().max() <= 1e-4
     else:
         assert pooled is None
+
+
+def test_sgm_unet_names_are_what_diffusers_converts(pair):
+    """SDXL's original (sgm) UNet names: the levels without attention, the deep transformers and label_emb map
+    where diffusers' convert_ldm_unet_checkpoint puts them (our tables inverted give names it maps back exactly)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from models.checkpoint import UNET_RESNET_RENAMES, rename, unet_from_compvis, unet_prefixes
+
+    ref, _ = pair
+    up = {v: k for k, v in unet_prefixes(TINY_XL).items()}
+    us = {v: k for k, v in UNET_RESNET_RENAMES.items()}
+    theirs = ref.state_dict()
+    sgm = {"model.diffusion_model." + rename(k, up, us): v for k, v in theirs.items()}
+    assert "model.diffusion_model.label_emb.0.0.weight" in sgm
+    assert "model.diffusion_model.input_blocks.7.1.transformer_blocks.2.attn2.to_k.weight" in sgm
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in sgm  # the second upsampler
+    back = convert_ldm_unet_checkpoint(sgm, dict(ref.config))
+    assert back.keys() == theirs.keys() and all(torch.equal(back[k], v) for k, v in theirs.items())
+    ours = unet_from_compvis({k.removeprefix("model.diffusion_model."): v for k, v in sgm.items()}, TINY_XL)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
