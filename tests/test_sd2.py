@@ -462,3 +462,17 @@ def folder_eps(clip_vocab_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sd2_variant")
     ref.save_pretrained(path, safe_serialization=True)
     return ref, path
+
+
+def test_folder_without_scheduler_config_takes_the_preset_of_its_size(folder_eps, tmp_path):
+    """No scheduler/: a 512 px SD 2 folder samples as sd2-base (eps), a 768 px one as sd2 (v)."""
+    import shutil
+
+    _, path = folder_eps
+    copy = tmp_path / "m"
+    shutil.copytree(path, copy)
+    shutil.rmtree(copy / "scheduler")
+    for side, prediction in ((64, "epsilon"), (96, "v_prediction"), (8, "v_prediction")):
+        unet_json = copy / "unet" / "config.json"
+        unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": side}))
+        assert Pipeline.from_pretrained(copy, device="cpu").cfg.ddim.prediction_type == prediction

@@ -128,9 +128,11 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
         raise CheckpointError(f"{path} is not a diffusers {fam.title} folder: missing {', '.join(missing)} (expected "
                               f"{', '.join(d + '/' for d in fam.folders.values())}, tokenizer/)")
     try:
-        cfg = replace(preset(fam.preset),
-                      unet=unet_config_from_diffusers(read_json(sub["unet"] / "config.json")),
-                      vae=vae_config_from_diffusers(read_json(sub["vae"] / "config.json")),
+        unet = unet_config_from_diffusers(read_json(sub["unet"] / "config.json"))
+        # the family's preset of this size (SD 2.x: sd2-base at 64, sd2 at 96) gives what the folder does not say
+        base = next((preset(p) for p in fam.presets if preset(p).unet.sample_size == unet.sample_size),
+                    preset(fam.preset))
+        cfg = replace(base, unet=unet, vae=vae_config_from_diffusers(read_json(sub["vae"] / "config.json")),
                       text=fam.text_config_from_json(read_json(sub["text"] / "config.json")))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: a config.json lacks a required field ({e})") from e
