@@ -14,24 +14,34 @@ import torch
 
 
 def open_clip_modules():
-    """(open_clip.transformer, open_clip.tokenizer), or None."""
-    loaded = sys.modules.get("open_clip")
-    if loaded is None:
-        spec = importlib.util.find_spec("open_clip")
-        if spec is None or spec.origin is None:
-            return None
-        pkg = types.ModuleType("open_clip")
-        pkg.__path__ = [os.path.dirname(spec.origin)]
-        sys.modules["open_clip"] = pkg
+    """(open_clip.transformer, open_clip.tokenizer), or None. The stubs and the bare package live in sys.modules
+    only while these two modules are imported: afterwards `find_spec("open_clip")` (tests/conftest.py) and
+    transformers' checks for torchvision see the installation as it is."""
+    global _MODULES
+    if _MODULES is not None:
+        return _MODULES
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        return None
+    before = set(sys.modules)
+    pkg = types.ModuleType("open_clip")
+    pkg.__path__ = [os.path.dirname(spec.origin)]
     stubs = {n: types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc", "ftfy")}
     stubs["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
     stubs["ftfy"].fix_text = lambda s: s
-    for name, mod in stubs.items():
-        sys.modules.setdefault(name, mod)
-    import open_clip.tokenizer as tokenizer
-    import open_clip.transformer as transformer
+    sys.modules.update({"open_clip": pkg, **{n: m for n, m in stubs.items() if n not in sys.modules}})
+    try:
+        import open_clip.tokenizer as tokenizer
+        import open_clip.transformer as transformer
+    finally:
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in ("open_clip", "torchvision", "ftfy"):
+                del sys.modules[name]
+    _MODULES = (transformer, tokenizer)
+    return _MODULES
 
-    return transformer, tokenizer
+
+_MODULES = None
 
 
 def sd2_text_states(tower, ids: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,14 @@ def weights_file(folder: Path, stems: tuple[str, ...], variant: str | None) -> P
     raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(c.name for c in candidates)}")
 
 
+def grouped(key) -> dict[str, list[str]]:
+    """Family titles grouped by `key(family)` (SD v1 and SD 2.x share a pipeline class and a layout), for messages."""
+    out: dict[str, list[str]] = {}
+    for f in FAMILIES.values():
+        out.setdefault(key(f), []).append(f.title)
+    return out
+
+
 def folder_family(path: Path) -> Family:
     """The family of a diffusers folder: from model_index.json, else from the sub-folders it has."""
     index = path / "model_index.json"
@@ -100,9 +108,10 @@ def folder_family(path: Path) -> Family:
         name = read_json(index).get("_class_name")
         found = [f.name for f in FAMILIES.values() if f.pipeline_class == name]
         if name and not found:
+            runs = grouped(lambda f: f.pipeline_class)
             raise CheckpointError(f"{path} holds a diffusers {name}; this project runs "
-                                  + " and ".join(dict.fromkeys(f"{f.pipeline_class} ({f.title})"
-                                                               for f in FAMILIES.values())) + " folders")
+                                  + " and ".join(f"{k} ({', '.join(titles)})" for k, titles in runs.items())
+                                  + " folders")
     if not found:
         own = {f.name: [d for p, d in f.folders.items() if p != "unet" and (path / d).is_dir()]
                for f in FAMILIES.values()}
@@ -113,8 +122,8 @@ def folder_family(path: Path) -> Family:
         found = [name for name in found if FAMILIES[name].linear_projection == linear] or found
     if len(found) == 1:
         return FAMILIES[found[0]]
-    layouts = " or ".join(dict.fromkeys(f"a {f.title} folder ({', '.join(d + '/' for d in f.folders.values())}, "
-                                        "tokenizer/)" for f in FAMILIES.values()))
+    layouts = " or ".join(f"a {' or '.join(titles)} folder ({k}, tokenizer/)" for k, titles in
+                          grouped(lambda f: ", ".join(d + "/" for d in f.folders.values())).items())
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     raise CheckpointError(f"cannot tell which model {path} holds: expected {layouts}; it holds "
                           f"{', '.join(names[:12]) or 'nothing'}")
