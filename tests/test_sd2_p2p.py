@@ -38,12 +38,7 @@ def tiny(prediction, upcast=True):
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
 def pair(request, clip_vocab_dir, tmp_path_factory):
-    # An open gap: with v the float64 agreement depends on the random model's output scale, unlike eps (1e-13 at
-    # every scale tried). Measured (replace / refine / reweight, relative): conv_out x20 1.1e-9 / 1.6e-11 / 1.1e-11,
-    # x3 7.5e-11 / 1.7e-8 / 4.1e-7, x1 7.6e-10 / 5.5e-14 / 2.0e-12. Cause not found; seeded generation with v is
-    # bit-identical to diffusers at 128 px, so the v step itself matches. x1 is used here (all within 1e-9).
-    scale = 1.0 if request.param == "v_prediction" else 20.0
-    ref = reference_pipeline(clip_vocab_dir, cfg=tiny(request.param, upcast=False), out_scale=scale)
+    ref = reference_pipeline(clip_vocab_dir, cfg=tiny(request.param, upcast=False))
     path = tmp_path_factory.mktemp(f"tiny_sd2_{request.param}")
     ref.save_pretrained(path, safe_serialization=True)
     ours = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float64)
@@ -51,7 +46,7 @@ def pair(request, clip_vocab_dir, tmp_path_factory):
     return ref.to(torch.float64), ours
 
 
-def compare(pair, settings: EditSettings, controller, size=64):
+def compare(pair, settings: EditSettings, controller, size=128):
     ref, ours = pair
     scheduler = DDIMScheduler(**R.SD_V1_DDIM, prediction_type=ours.cfg.ddim.prediction_type)
     expected, traj = R.text2image(ref, settings.prompts, controller, num_steps=STEPS, guidance_scale=7.5,
@@ -65,7 +60,10 @@ def compare(pair, settings: EditSettings, controller, size=64):
 
 
 def settings(prompt, targets, **kw):
-    size = kw.pop("size", 64)
+    """At 128 px: at 64 px the tiny UNet's lowest level is 1x1, where GroupNorm sees 2 values per group and turns
+    float64 rounding into jumps; the v sampler then ends 1e-9 to 4e-7 apart (relative) depending on the random
+    weights, against 1e-14 at 128 px for the same weights, with or without an edit (measured, plain sampling too)."""
+    size = kw.pop("size", 128)
     return EditSettings(prompt, targets=tuple(targets), steps=STEPS, seed=kw.pop("seed", 1), height=size, width=size,
                         self_sites=SiteSelection(max_res=16), **kw)
 
@@ -101,7 +99,7 @@ def test_local_blend(pair):
     blend = R.LocalBlend(s.prompts, ("cat", "dog"), ref.tokenizer, threshold=0.95)
     ctl = R.AttentionReplace(s.prompts, STEPS, {"default_": 1.0, "dog": 0.4}, 0.4, local_blend=blend,
                              tokenizer=ref.tokenizer)
-    rel, pixels, got = compare(pair, s, ctl, size=128)
+    rel, pixels, got = compare(pair, s, ctl)
     assert rel <= 1e-9 and pixels <= 1.0
     ours_mask = got.controller.controllers[1].mask((16, 16))
     assert 0 < ours_mask[1].mean() < 1
