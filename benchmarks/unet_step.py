@@ -1,7 +1,8 @@
 """Our UNet step against diffusers' UNet2DConditionModel at the same config and weights, in one process.
 
-    python benchmarks/unet_step.py                       # tiny and full SD v1 and LDM configs, CPU, 32x32 latent
+    python benchmarks/unet_step.py                       # tiny and full SD v1, SD 2 and LDM configs, CPU, 32x32 latent
     python benchmarks/unet_step.py --presets tiny-ldm    # the LDM preset in miniature only (no full-size model)
+    python benchmarks/unet_step.py --presets sd2         # SD 2.1 (768-v: per-level heads, linear projections)
     python benchmarks/unet_step.py --device cuda --dtype float16 --latent 64
 
 Prints the median time of a guided step (batch 2: [uncond | cond]) for both, and ours / diffusers
@@ -42,8 +43,9 @@ def run(preset: str, latent: int, device, dtype, rounds: int, repeats: int, batc
     cfg = PRESETS[preset].unet
     torch.manual_seed(0)
     ref = reference_unet(cfg)
-    ours = UNet(cfg).eval()
-    ours.load_state_dict(ref.state_dict())
+    with torch.device("meta"):
+        ours = UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), assign=True)  # the same tensors: one copy of the weights in memory
     ref, ours = ref.to(device, dtype), ours.to(device, dtype)
     z = torch.randn(batch, cfg.in_channels, latent, latent, device=device, dtype=dtype)
     ctx = torch.randn(batch, 77, cfg.cross_attention_dim, device=device, dtype=dtype)
@@ -69,9 +71,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--presets", default="tiny,sd-v1,tiny-ldm,ldm", help="presets of models/presets.py, comma-separated")
-    p.add_argument("--latent", type=int, default=32, help="latent side for the full-size presets: sd-v1 (64 = 512 px, "
-                   "its native size) and ldm (32 = 256 px, its native size); the tiny ones run at their own")
+    p.add_argument("--presets", default="tiny,sd-v1,tiny-sd2,sd2,tiny-ldm,ldm",
+                   help="presets of models/presets.py, comma-separated")
+    p.add_argument("--latent", type=int, default=32, help="latent side for the full-size presets: sd-v1 and sd2-base "
+                   "(64 = 512 px, their native size), sd2 (96 = 768 px) and ldm (32 = 256 px, its native size); the "
+                   "tiny ones run at their own")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)

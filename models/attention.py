@@ -64,12 +64,14 @@ def attention_map(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
 class CrossAttention(nn.Module):
     """Multi-head attention of the UNet's transformer blocks (`attn1` self, `attn2` cross).
 
-    Parameter names follow the checkpoint: to_q, to_k, to_v (no bias), to_out.0 (with bias).
+    Parameter names follow the checkpoint: to_q, to_k, to_v (no bias), to_out.0 (with bias). With `upcast`
+    (SD 2.1 at 768 px) Q K^T and the softmax are computed in float32 whatever the weights' dtype.
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, site: Site | None = None):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, site: Site | None = None,
+                 upcast: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.scale = (dim // heads) ** -0.5
         self.site = site
         self.to_q = nn.Linear(dim, dim, bias=False)
@@ -81,10 +83,13 @@ class CrossAttention(nn.Module):
         ctx = x if context is None else context
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
+        dtype = q.dtype
+        if self.upcast and dtype in (torch.float16, torch.bfloat16):
+            q, k = q.float(), k.float()
         if controller is not None and controller.wants_map(self.site, hw):
-            M = attention_map(q, k, self.scale)  # (b, heads, queries, keys)
+            M = attention_map(q, k, self.scale).to(dtype)  # (b, heads, queries, keys)
             M = controller.on_map(M, self.site, hw)
             out = torch.matmul(M.to(v.dtype), v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v.to(q.dtype)).to(dtype)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))

@@ -84,6 +84,7 @@ UNET_FIXED = {
     "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
     "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",
     "middle_block.2.": "mid_block.resnets.1.",
+    "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",  # SDXL (sgm)
 }
 VAE_FIXED = {
     "encoder.norm_out.": "encoder.conv_norm_out.", "decoder.norm_out.": "decoder.conv_norm_out.",
@@ -155,6 +156,42 @@ def ldmbert_from_compvis(sd: dict, layers: int) -> dict:
     """LDM text-encoder weights with `cond_stage_model.transformer.` stripped -> our (diffusers) names."""
     pre = ldmbert_prefixes(layers)
     return {rename(k, pre, {}): v for k, v in sd.items()}
+
+
+# OpenCLIP's text tower (SD 2.x single files, `cond_stage_model.model.` stripped) -> our CLIPTextModel names.
+# Attention keeps q, k and v in one in_proj [3W, W] (torch.nn.MultiheadAttention): rows [0, W) are q, then k, v.
+OPEN_CLIP_FIXED = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                   "positional_embedding": "embeddings.position_embedding.weight",
+                   "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")  # the contrastive head: SD 2 uses the token states only
+
+
+def clip_from_open_clip(sd: dict, layers: int) -> dict:
+    """OpenCLIP text weights -> our names, keeping blocks 0..layers-1 (SD 2: 23 of the 24, the "penultimate"
+    layer) and dropping the projection head. Blocks beyond `layers` are dropped only if the file has exactly one
+    more (the real files); anything else stays and is reported by `check_fit`."""
+    blocks = {int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks.")}
+    drop = {max(blocks)} if blocks and max(blocks) == layers else set()
+    out = {}
+    for k, v in sd.items():
+        if k in OPEN_CLIP_UNUSED:
+            continue
+        if not k.startswith("transformer.resblocks."):
+            out[OPEN_CLIP_FIXED.get(k, k)] = v
+            continue
+        i, rest = k.split(".", 3)[2:]
+        if int(i) in drop:
+            continue
+        new = f"encoder.layers.{i}."
+        if rest.startswith("attn.in_proj_"):  # in_proj_weight / in_proj_bias -> q/k/v_proj.weight / .bias
+            kind = rest.removeprefix("attn.in_proj_")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[f"{new}self_attn.{name}.{kind}"] = part
+        else:
+            out[new + rename_subkey(rest, OPEN_CLIP_BLOCK)] = v
+    return out
 
 
 def vae_prefixes(levels: int) -> dict[str, str]:

@@ -4,7 +4,12 @@ Pre-LayerNorm transformer, 12 layers of width 768, 12 heads, quick-GELU, learned
 a causal mask, and a final LayerNorm. SD v1 uses the whole last hidden state (77 x 768) as context,
 padding positions included; no pooled output, no clip-skip (Radford et al. 2021; Rombach et al. 2022).
 
-Names follow the transformers checkpoint (`text_model.` prefix stripped on load).
+SD 2.x uses OpenCLIP ViT-H/14 the same way with the last of its 24 blocks dropped (23 layers, GELU). SDXL uses two
+towers differently (Podell et al. 2023; sd2-sdxl.md §3.3): the per-token states are the *input* of the last block,
+without the final LayerNorm (`layer="penultimate"`), and OpenCLIP bigG/14 also gives a pooled vector: the final
+LayerNorm of the last block's output at the end-of-text position, through `text_projection` (no bias).
+
+Names follow the transformers checkpoint (`text_model.` prefix stripped on load; `text_projection` at the top level).
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ class CLIPTextConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # x * sigmoid(1.702 x); "gelu" also accepted (small test models)
+    hidden_act: str = "quick_gelu"  # x * sigmoid(1.702 x); "gelu" (OpenCLIP's towers, SD 2.x and SDXL)
     layer_norm_eps: float = 1e-5
+    layer: str = "last"  # the states returned: "last" (final LayerNorm of the last block) | "penultimate" (SDXL)
+    projection_dim: int = 0  # > 0: a pooled output through text_projection of this width (SDXL's bigG: 1280)
 
     @property
     def width(self) -> int:
@@ -97,13 +104,30 @@ class CLIPTextModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
+        if cfg.layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {cfg.layer!r}")
+        if cfg.projection_dim:
+            self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
     @property
     def width(self) -> int:
         return self.cfg.hidden_size
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, 77) -> text states psi(P) (B, 77, hidden_size)."""
-        x = self.embeddings(ids)
-        for layer in self.encoder.layers:
+        return self.states_and_pooled(ids)[0]
+
+    def states_and_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (text states as `cfg.layer` says, pooled (B, projection_dim) or None). The pooled vector is read at
+        the end-of-text token, the largest id of a row (argmax, as transformers does for these configs)."""
+        x, penultimate = self.embeddings(ids), None
+        for i, layer in enumerate(self.encoder.layers):
+            if i == len(self.encoder.layers) - 1:
+                penultimate = x
             x = layer(x)
-        return self.final_layer_norm(x)
+        x = self.final_layer_norm(x)
+        states = x if self.cfg.layer == "last" else penultimate
+        if not self.cfg.projection_dim:
+            return states, None
+        eot = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+        return states, self.text_projection(eot)

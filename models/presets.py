@@ -9,7 +9,7 @@ holds the same values for people who read configs rather than code (a test keeps
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .clip import CLIPTextConfig
@@ -20,12 +20,12 @@ from .unet import UNetConfig
 from .vae import VAEConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-TEXT_CONFIGS = {"sd-v1": CLIPTextConfig, "ldm": LDMBertConfig}  # family -> config of its text encoder
+TEXT_CONFIGS = {"sd-v1": CLIPTextConfig, "sd-v2": CLIPTextConfig, "ldm": LDMBertConfig}  # family -> its text config
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "sd-v1" | "ldm"
+    family: str  # "sd-v1" | "sd-v2" | "ldm"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: CLIPTextConfig | LDMBertConfig = field(default_factory=CLIPTextConfig)  # LDMBertConfig for "ldm"
@@ -46,8 +46,22 @@ class ModelConfig:
         return 2 ** (len(self.vae.block_out_channels) - 1)
 
 
+# Stable Diffusion 2.x (Stability-AI/stablediffusion, v2-inference.yaml and v2-inference-v.yaml; the diffusers
+# configs of stable-diffusion-2-1(-base)): the SD v1 UNet with 64-wide heads (5/10/20/20 per level), linear
+# proj_in/proj_out and 1024-wide context; OpenCLIP ViT-H/14's text tower (GELU, 16 heads) cut after its 23rd
+# of 24 blocks, then its final LayerNorm ("penultimate" layer): diffusers stores it as a 23-layer CLIPTextModel.
+SD2_TEXT = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                          hidden_act="gelu")
+SD2_UNET = UNetConfig(heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd-v1": ModelConfig("sd-v1"),
+    # SD 2.0/2.1-base: 512 px, predicts eps.
+    "sd2-base": ModelConfig("sd-v2", unet=SD2_UNET, text=SD2_TEXT),
+    # SD 2.0/2.1 (768-v): 768 px (96x96 latents), predicts v; 2.1 needs the fp32 attention upcast in fp16
+    # (diffusers sets upcast_attention for 2.1 only; it costs 2.0 nothing but time).
+    "sd2": ModelConfig("sd-v2", unet=replace(SD2_UNET, sample_size=96, upcast_attention=True), text=SD2_TEXT,
+                       ddim=DDIMConfig(prediction_type="v_prediction"), image_size=768),
     # A miniature of SD v1 with the same topology (4 levels, attention at the first 3 and mid), for tests.
     "tiny": ModelConfig(
         "sd-v1",
@@ -78,6 +92,16 @@ PRESETS: dict[str, ModelConfig] = {
     "ldm": ModelConfig(
         "ldm", unet=UNetConfig(cross_attention_dim=1280, sample_size=32), text=LDMBertConfig(),
         ddim=DDIMConfig(steps_offset=0, set_alpha_to_one=True), guidance=5.0, image_size=256,
+    ),
+    # A miniature of SD 2.x (per-level heads, linear projections, upcast, GELU text encoder), for tests.
+    "tiny-sd2": ModelConfig(
+        "sd-v2",
+        unet=UNetConfig(block_out_channels=(32, 64, 64, 64), heads=(2, 4, 4, 4), cross_attention_dim=32,
+                        sample_size=8, use_linear_projection=True, upcast_attention=True),
+        vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        text=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            hidden_act="gelu"),
+        image_size=64,
     ),
     # A miniature of LDM (same topology; LDMBert with an inner attention width unlike its width), for tests.
     "tiny-ldm": ModelConfig(
@@ -142,12 +166,12 @@ def _require(d: dict, what: str, checks: dict):
            and not (isinstance(ok, tuple) and d[k] in ok)]
     if bad:
         raise UserError(f"{what} describes a model this project does not build: {'; '.join(bad)}. "
-                        "Supported: Stable Diffusion v1.x and LDM text2img")
+                        "Supported: Stable Diffusion v1.x and 2.x, and LDM text2img")
 
 
 def unet_config_from_diffusers(d: dict) -> UNetConfig:
     _require(d, "unet/config.json", {
-        "use_linear_projection": False, "transformer_layers_per_block": 1, "flip_sin_to_cos": True,
+        "use_linear_projection": (False, True), "transformer_layers_per_block": 1, "flip_sin_to_cos": True,
         "freq_shift": 0, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
         "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "conv_in_kernel": 3,
         "conv_out_kernel": 3, "dual_cross_attention": False, "only_cross_attention": False, "act_fn": "silu",
@@ -160,15 +184,17 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
             [t.replace("Up", "Down") for t in reversed(up)] != down:
         raise UserError(f"unet/config.json: unsupported block types {down} / {up}")
     heads = d.get("attention_head_dim", 8)
-    if isinstance(heads, list):
-        if len(set(heads)) != 1:
-            raise UserError("unet/config.json: a different number of heads per level is not supported")
-        heads = heads[0]
+    if isinstance(heads, list):  # one entry per level (SD 2.x: 5, 10, 20, 20); one number if all are equal
+        if len(heads) != len(down):
+            raise UserError(f"unet/config.json: attention_head_dim {heads} needs one entry per level ({len(down)})")
+        heads = heads[0] if len(set(heads)) == 1 else tuple(heads)
     return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
                       block_out_channels=tuple(d["block_out_channels"]), attention_levels=attn,
                       layers_per_block=d.get("layers_per_block", 2), heads=heads,
                       cross_attention_dim=d["cross_attention_dim"], norm_num_groups=d.get("norm_num_groups", 32),
-                      sample_size=d.get("sample_size", 64))
+                      sample_size=d.get("sample_size", 64),
+                      use_linear_projection=bool(d.get("use_linear_projection", False)),
+                      upcast_attention=bool(d.get("upcast_attention", False)))
 
 
 def vae_config_from_diffusers(d: dict) -> VAEConfig:
@@ -185,7 +211,9 @@ def vae_config_from_diffusers(d: dict) -> VAEConfig:
 def clip_config_from_transformers(d: dict) -> CLIPTextConfig:
     if d.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise UserError(f"text_encoder/config.json: model_type {d.get('model_type')!r} is not a CLIP text model")
-    keys = {f.name for f in fields(CLIPTextConfig)}
+    # `projection_dim` of a CLIPTextModel config is a placeholder (SD v1 says 768, SD 2 512): the projection and the
+    # layer used are the family's choice, not the file's
+    keys = {f.name for f in fields(CLIPTextConfig)} - {"layer", "projection_dim"}
     cfg = CLIPTextConfig(**{k: d[k] for k in keys if k in d})
     if cfg.hidden_act not in ("quick_gelu", "gelu"):
         raise UserError(f"text_encoder/config.json: hidden_act {cfg.hidden_act!r} is not supported")
@@ -205,13 +233,15 @@ def ldmbert_config_from_diffusers(d: dict) -> LDMBertConfig:
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels]
-    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": cfg.heads,
+    heads = cfg.heads if isinstance(cfg.heads, int) else list(cfg.heads)
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": heads,
             "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
             "cross_attention_dim": cfg.cross_attention_dim, "down_block_types": down, "downsample_padding": 1,
             "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": cfg.in_channels,
             "layers_per_block": cfg.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-5,
             "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
-            "up_block_types": [t.replace("Down", "Up") for t in reversed(down)]}
+            "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
+            "use_linear_projection": cfg.use_linear_projection, "upcast_attention": cfg.upcast_attention}
 
 
 def vae_config_to_diffusers(cfg: VAEConfig, image_size: int) -> dict:

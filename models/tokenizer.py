@@ -250,11 +250,15 @@ class PromptTokenizer:
 class CLIPTokenizer(PromptTokenizer):
     """CLIP BPE tokenizer producing (B, 77) id tensors for the SD v1 text encoder."""
 
+    pad_token = EOS_TOKEN  # SD v1 pads with <|endoftext|>
+
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], source: str = "<memory>"):
         _check(vocab, merges, source)
         self.source, self.vocab_size = str(source), len(vocab)
         self.bos_id, self.eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
-        self.pad_id = self.eos_id  # SD v1 pads with <|endoftext|>
+        if self.pad_token not in vocab:
+            raise UserError(f"{source}: the vocabulary lacks the padding token {self.pad_token!r}")
+        self.pad_id = vocab[self.pad_token]
         try:
             bpe = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                       fuse_unk=False, unk_token=EOS_TOKEN, dropout=None)
@@ -323,6 +327,15 @@ class CLIPTokenizer(PromptTokenizer):
                 raise ValueError(f"id {i} is not in the vocabulary (size {self.vocab_size})")
             symbols.append(token)
         return self._to_text("".join(symbols)).replace("</w>", " ").strip()
+
+
+class OpenCLIPTokenizer(CLIPTokenizer):
+    """The same BPE with SD 2.x's padding: id 0 ("!") after eos, as open_clip's `tokenize` fills the 77 slots
+    with zeros (the model was trained so; diffusers' tokenizer says pad_token "!"). A "!" typed in a prompt
+    stays the token "!</w>" (256), as open_clip encodes it; transformers' tokenizer maps it to the pad id 0
+    (diffusers issue #4153), so for prompts with "!" diffusers' SD 2 pipeline sees other ids than training did."""
+
+    pad_token = "!"
 
 
 class _Word:

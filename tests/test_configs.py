@@ -38,10 +38,18 @@ def test_sd15_unet_config_is_the_preset():
     assert unet_config_from_diffusers(SD15_UNET) == PRESETS["sd-v1"].unet
 
 
-def test_sd2_unet_config_is_refused():
-    sd2 = {**SD15_UNET, "use_linear_projection": True, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20]}
-    with pytest.raises(ValueError, match="use_linear_projection=True.*Stable Diffusion v1"):
-        unet_config_from_diffusers(sd2)
+def test_sd2_unet_configs_are_the_presets():
+    """stable-diffusion-2-1-base and -2-1 unet/config.json (sd2-sdxl.md §2.2): per-level heads, linear projections."""
+    base = {**SD15_UNET, "use_linear_projection": True, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20]}
+    assert unet_config_from_diffusers(base) == PRESETS["sd2-base"].unet
+    assert unet_config_from_diffusers({**base, "sample_size": 96, "upcast_attention": True}) == PRESETS["sd2"].unet
+
+
+def test_sdxl_unet_config_is_refused():
+    sdxl = {**SD15_UNET, "use_linear_projection": True, "transformer_layers_per_block": [1, 2, 10],
+            "addition_embed_type": "text_time"}
+    with pytest.raises(ValueError, match="transformer_layers_per_block.*Stable Diffusion v1.x and 2.x"):
+        unet_config_from_diffusers(sdxl)
 
 
 def test_sd15_vae_config_is_the_preset():

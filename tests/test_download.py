@@ -16,6 +16,7 @@ from p2p.files import download as dl
 HF = "https://huggingface.co"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints.md"  # beside the checkout, when present
+REFERENCE_SD2 = REFERENCE.with_name("sd2-sdxl.md")  # the SD 2.x / SDXL files
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -329,7 +330,7 @@ def test_sd15_single_file_entry_matches_reference():
 
 @pytest.mark.skipif(not REFERENCE.is_file(), reason="reference doc not available")
 def test_every_known_hash_and_size_appears_in_reference():
-    text = REFERENCE.read_text(encoding="utf-8")
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (REFERENCE, REFERENCE_SD2) if p.is_file())
     digits = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # 4,265,146,304 -> 4265146304
     for name, entry in dl.load_manifest().items():
         if entry["layout"] == "shipped":  # ours, hashed in tests/test_embedded.py; not a public file

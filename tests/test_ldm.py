@@ -483,12 +483,14 @@ def test_ldm_folder_is_detected_without_model_index(converted, tmp_path):
 
 
 @pytest.mark.parametrize("layout,message", [
-    ({"unet": {}, "random": {}}, r"cannot tell which model .* holds: expected a Stable Diffusion v1 folder \(unet/, "
+    ({"unet": {}, "random": {}}, r"cannot tell which model .* holds: expected a Stable Diffusion v1 or Stable "
+                                 r"Diffusion 2.x folder \(unet/, "
                                  r"vae/, text_encoder/, tokenizer/\) or a LDM text2img folder \(unet/, vqvae/, bert/, "
                                  r"tokenizer/\); it holds random/, unet/"),
     ({"unet": {}, "vae": {}, "bert": {}}, r"cannot tell which model"),  # parts of both
     ({"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}},
-     r"holds a diffusers StableDiffusionXLPipeline; this project runs StableDiffusionPipeline \(Stable Diffusion v1\) "
+     r"holds a diffusers StableDiffusionXLPipeline; this project runs StableDiffusionPipeline \(Stable Diffusion v1, "
+     r"Stable Diffusion 2.x\) "
      r"and LDMTextToImagePipeline \(LDM text2img\) folders"),
     ({"model_index.json": {"_class_name": "LDMTextToImagePipeline"}, "unet": {}, "vqvae": {}},
      r"is not a diffusers LDM text2img folder: missing bert/"),

@@ -190,7 +190,7 @@ CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({CROSS_K: [320, 1024]}, "Stable Diffusion 2.x checkpoint .*not an SD v1 checkpoint"),
+    ({CROSS_K: [320, 1024]}, "Stable Diffusion 2.x checkpoint but is being read with a 'sd-v1' config"),
     ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": [768]}, "SDXL checkpoint"),
     ({CONV_IN: [320, 9, 3, 3]}, "9 input channels .*inpainting"),
     ({"lora_unet_down.weight": [4, 4]}, "1 entries that belong to no Stable Diffusion v1 network: lora_unet_down.weight"),

@@ -25,8 +25,15 @@ def reference_unet(cfg) -> UNet2DConditionModel:
         sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
         down_block_types=down, up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down)),
-        cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.heads,
-        norm_num_groups=cfg.norm_num_groups).eval()
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.heads if isinstance(cfg.heads, int) else tuple(cfg.heads),
+        norm_num_groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
+        transformer_layers_per_block=cfg.transformer_layers if isinstance(cfg.transformer_layers, int)
+        else tuple(cfg.transformer_layers),
+        **(dict(addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
+                projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim)
+           if cfg.addition_time_embed_dim else {})).eval()
 
 
 def reference_vae(cfg) -> AutoencoderKL:
@@ -44,14 +51,19 @@ def reference_text_encoder(cfg) -> CLIPTextModel:
         layer_norm_eps=cfg.layer_norm_eps, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
 
 
-def reference_pipeline(tokenizer_dir, cfg: ModelConfig = PRESETS["tiny"], seed: int = 0) -> StableDiffusionPipeline:
+def reference_pipeline(tokenizer_dir, cfg: ModelConfig = PRESETS["tiny"], seed: int = 0,
+                       out_scale: float = 20.0) -> StableDiffusionPipeline:
+    """`out_scale` widens conv_out (PyTorch's default init leaves it tiny): x20 gives outputs of std ~6.5."""
     torch.manual_seed(seed)
     unet, vae, text = reference_unet(cfg.unet), reference_vae(cfg.vae), reference_text_encoder(cfg.text)
-    with torch.no_grad():  # PyTorch's default init leaves conv_out tiny; widen it so eps is O(1)
-        unet.conv_out.weight.mul_(20)
-    tok = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(out_scale)
+    pad = {"pad_token": "!"} if cfg.family == "sd-v2" else {}  # SD 2's tokenizer: special_tokens_map.json
+    tok = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77,
+                        **pad)
+    scheduler = DDIMScheduler(**SD_DDIM, prediction_type=cfg.ddim.prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(**SD_DDIM), safety_checker=None, feature_extractor=None,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -67,4 +79,5 @@ def ours_from_reference(ref: StableDiffusionPipeline, cfg: ModelConfig, tokenize
         m.load_state_dict({k.removeprefix("text_model."): v for k, v in src.state_dict().items()},
                           strict=True, assign=True)
         modules.append(m)
-    return Pipeline(cfg, *modules, ours_tokenizer.CLIPTokenizer.from_path(tokenizer_dir))
+    tok = (ours_tokenizer.OpenCLIPTokenizer if cfg.family == "sd-v2" else ours_tokenizer.CLIPTokenizer)
+    return Pipeline(cfg, *modules, tok.from_path(tokenizer_dir))

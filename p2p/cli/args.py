@@ -219,7 +219,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "`embedded`: the small scene model shipped with p2p (64 px, runs on a CPU)")
     g.add_argument("--tokenizer", help="tokenizer for a single-file model: a tokenizer/ folder, a tokenizer.json, "
                    "or bpe_simple_vocab_16e6.txt.gz")
-    g.add_argument("--model-config", help="preset a single-file model is read with (default sd-v1)")
+    g.add_argument("--model-config", help="preset a single-file model is read with (default: its family's, from its "
+                   "keys; SD 2.x: sd2-base or sd2 as its name says 512 or 768)")
     g.add_argument("--variant", help="weights variant of a diffusers folder, e.g. fp16")
     g.add_argument("--no-ema", action="store_true", help="use the non-EMA UNet of a full-EMA single file")
     g.add_argument("--device", type=device, help="cuda, cuda:N, mps or cpu (default: the first available)")
@@ -408,7 +409,8 @@ def build_parser() -> Parser:
     p.add_argument("--tokenizer", help="tokenizer to include (required for a single file): LDM: a BERT uncased "
                    "vocab.txt or its tokenizer/ folder; SD v1: a tokenizer/ folder, tokenizer.json or "
                    "bpe_simple_vocab_16e6.txt.gz")
-    p.add_argument("--model-config", help="preset a single file is read with (default: its family's, ldm or sd-v1)")
+    p.add_argument("--model-config", help="preset a single file is read with (default: its family's, ldm or sd-v1; "
+                   "SD 2.x: sd2-base or sd2 by its name)")
     p.add_argument("--no-ema", action="store_true", help="take the non-EMA UNet of a full-EMA single file")
     parser.commands = commands
     return parser

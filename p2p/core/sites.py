@@ -100,8 +100,18 @@ P2P_DEFAULTS: dict[tuple[str, int], P2PDefaults] = {
     ("sd-v1", 16): P2PDefaults(8, 8, 16),  # the embedded model: its middle level, as 16 is SD's (blend 8x8 maps)
     ("sd-v1", 8): P2PDefaults(2, 16, 32),  # the "tiny" test preset: SD's caps (every layer), blend one level down
     ("ldm", 8): P2PDefaults(4, 4, 4),  # the "tiny-ldm" test preset
+    # SD 2.x-base at 512 px has SD v1's grids (64/32/16/8): the authors' numbers select the same 16 layers.
+    ("sd-v2", 64): P2PDefaults(16, 16, 32),
+    # SD 2.x (768-v) has 96/48/24/12 grids and no 16x16 layer. The authors' rule, read at 512 px, is "blend from the
+    # latent/4 level, inject self-attention at latent/4 and below": at 96 that is the 24x24 level (the same five
+    # cross layers, down_blocks.2 and up_blocks.1, and the same six self layers with the 12x12 mid block).
+    # Taken literally, 16 would inject into the mid block only and find no map to blend. The store keeps <= 24x24,
+    # not latent/2 = 48x48: a 48x48 self map is 2304^2 x 10 heads = 53 M values per image row and site, 6.3x SD v1's
+    # 32x32 one (1024^2 x 8), and nothing the edit or `p2p attention` reads by default lies above 24x24.
+    ("sd-v2", 96): P2PDefaults(24, 24, 24),
+    ("sd-v2", 8): P2PDefaults(2, 16, 32),  # the "tiny-sd2" test preset, as "tiny"
 }
-FULL_SIZE = {"sd-v1": 64, "ldm": 32}
+FULL_SIZE = {"sd-v1": 64, "sd-v2": 96, "ldm": 32}
 
 
 def p2p_defaults(cfg: ModelConfig) -> P2PDefaults:

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from models.checkpoint import PICKLE_SUFFIXES, CheckpointError, check_fit
 from models.families import Family, family
 from models.presets import ModelConfig, text_config_to_json, unet_config_to_diffusers, vae_config_to_diffusers
-from models.tokenizer import _load_openai_bpe
+from models.tokenizer import CLIPTokenizer, _load_openai_bpe
 from models.unet import UNet
 from models.vae import AutoencoderKL
 
@@ -150,13 +150,13 @@ def component_config(part: str, cfg: ModelConfig) -> dict:
 def model_index(fam: Family, index: dict | None) -> dict:
     """The folder's model_index.json: the source's (components not written set to null) or a new one."""
     text_class = "LDMBertModel" if fam.name == "ldm" else "CLIPTextModel"
-    tok_class = fam.tokenizer.__name__
+    tok_class = "CLIPTokenizer" if issubclass(fam.tokenizer, CLIPTokenizer) else fam.tokenizer.__name__
     ours = {fam.folders["unet"]: "UNet2DConditionModel", fam.folders["vae"]: "AutoencoderKL",
             fam.folders["text"]: text_class, "tokenizer": tok_class, "scheduler": "DDIMScheduler"}
     if index is None:
         index = {"_class_name": fam.pipeline_class, "_diffusers_version": "0.42.1",
                  **{k: [LIBRARIES[c], c] for k, c in ours.items()}}
-        if fam.name == "sd-v1":
+        if fam.pipeline_class == "StableDiffusionPipeline":
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         return index
     return {k: [None, None] if isinstance(v, list) and len(v) == 2 and k not in ours else v for k, v in index.items()}

@@ -2,9 +2,9 @@
 
 `read_model(path)` returns the model's `ModelConfig`, the state dicts of its three networks in our
 names, and where its tokenizer is. It tells the family from the files (model_index.json or the
-sub-folders of a folder, the text encoder's keys of a single file; models/families.py says what
-differs), and refuses, with a message that says what the file is, checkpoints of other models
-(SD 2.x, SDXL, inpainting UNets). LDM's public weights are PyTorch pickles: the runtime reads LDM
+sub-folders of a folder and the UNet's projections, the text encoder's keys of a single file;
+models/families.py says what differs), and refuses, with a message that says what the file is,
+checkpoints of other models (SDXL, inpainting UNets). LDM's public weights are PyTorch pickles: the runtime reads LDM
 from safetensors only and asks for `p2p convert` (p2p/files/convert.py) once; SD v1 pickles are read as they
 always were, with `torch.load(weights_only=True)`, which runs no code.
 """
@@ -21,6 +21,7 @@ from models.families import FAMILIES, Family, family
 from models.presets import ModelConfig, load_toml, preset, unet_config_from_diffusers, vae_config_from_diffusers
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPEN_CLIP_TELL = "cond_stage_model.model.token_embedding.weight"  # SD 2.x: OpenCLIP's text tower
 SD_V1_TELL = UNET + "output_blocks.11.0.skip_connection.weight"  # diffusers' own test for an SD v1 file
 CROSS_K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 NATIVE_CONFIG, NATIVE_WEIGHTS = "model.toml", "model.safetensors"
@@ -91,24 +92,38 @@ def weights_file(folder: Path, stems: tuple[str, ...], variant: str | None) -> P
     raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(c.name for c in candidates)}")
 
 
+def grouped(key) -> dict[str, list[str]]:
+    """Family titles grouped by `key(family)` (SD v1 and SD 2.x share a pipeline class and a layout), for messages."""
+    out: dict[str, list[str]] = {}
+    for f in FAMILIES.values():
+        out.setdefault(key(f), []).append(f.title)
+    return out
+
+
 def folder_family(path: Path) -> Family:
     """The family of a diffusers folder: from model_index.json, else from the sub-folders it has."""
     index = path / "model_index.json"
+    found = []
     if index.is_file():
         name = read_json(index).get("_class_name")
-        for fam in FAMILIES.values():
-            if fam.pipeline_class == name:
-                return fam
-        if name:
+        found = [f.name for f in FAMILIES.values() if f.pipeline_class == name]
+        if name and not found:
+            runs = grouped(lambda f: f.pipeline_class)
             raise CheckpointError(f"{path} holds a diffusers {name}; this project runs "
-                                  + " and ".join(f"{f.pipeline_class} ({f.title})" for f in FAMILIES.values())
+                                  + " and ".join(f"{k} ({', '.join(titles)})" for k, titles in runs.items())
                                   + " folders")
-    own = {f.name: [d for p, d in f.folders.items() if p != "unet" and (path / d).is_dir()] for f in FAMILIES.values()}
-    found = [name for name, dirs in own.items() if dirs]
+    if not found:
+        own = {f.name: [d for p, d in f.folders.items() if p != "unet" and (path / d).is_dir()]
+               for f in FAMILIES.values()}
+        found = [name for name, dirs in own.items() if dirs]
+    if len(found) > 1:  # SD v1 and SD 2.x share a pipeline class and a layout: the UNet's projections differ
+        unet_json = path / "unet" / "config.json"
+        linear = bool(read_json(unet_json).get("use_linear_projection", False)) if unet_json.is_file() else False
+        found = [name for name in found if FAMILIES[name].linear_projection == linear] or found
     if len(found) == 1:
         return FAMILIES[found[0]]
-    layouts = " or ".join(f"a {f.title} folder ({', '.join(d + '/' for d in f.folders.values())}, tokenizer/)"
-                          for f in FAMILIES.values())
+    layouts = " or ".join(f"a {' or '.join(titles)} folder ({k}, tokenizer/)" for k, titles in
+                          grouped(lambda f: ", ".join(d + "/" for d in f.folders.values())).items())
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     raise CheckpointError(f"cannot tell which model {path} holds: expected {layouts}; it holds "
                           f"{', '.join(names[:12]) or 'nothing'}")
@@ -122,9 +137,11 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
         raise CheckpointError(f"{path} is not a diffusers {fam.title} folder: missing {', '.join(missing)} (expected "
                               f"{', '.join(d + '/' for d in fam.folders.values())}, tokenizer/)")
     try:
-        cfg = replace(preset(fam.preset),
-                      unet=unet_config_from_diffusers(read_json(sub["unet"] / "config.json")),
-                      vae=vae_config_from_diffusers(read_json(sub["vae"] / "config.json")),
+        unet = unet_config_from_diffusers(read_json(sub["unet"] / "config.json"))
+        # the family's preset of this size (SD 2.x: sd2-base at 64, sd2 at 96) gives what the folder does not say
+        base = next((preset(p) for p in fam.presets if preset(p).unet.sample_size == unet.sample_size),
+                    preset(fam.preset))
+        cfg = replace(base, unet=unet, vae=vae_config_from_diffusers(read_json(sub["vae"] / "config.json")),
                       text=fam.text_config_from_json(read_json(sub["text"] / "config.json")))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: a config.json lacks a required field ({e})") from e
@@ -132,9 +149,11 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
     if sched.is_file():
         cfg = replace(cfg, ddim=fam.scheduler_defaults.updated(read_json(sched)))
     cfg = replace(cfg, image_size=cfg.unet.sample_size * cfg.vae_scale)
+    check_prediction(cfg, f"{path}: scheduler/scheduler_config.json", "set \"prediction_type\": \"{want}\" there")
     if cfg.unet.cross_attention_dim != cfg.text.width:
         raise CheckpointError(f"{path}: the UNet cross-attends to width {cfg.unet.cross_attention_dim} but the text "
-                              f"encoder is {cfg.text.width} wide (SD v1: 768 and 768, LDM: 1280 and 1280)")
+                              f"encoder is {cfg.text.width} wide (SD v1: 768 and 768, SD 2.x: 1024 and 1024, "
+                              "LDM: 1280 and 1280)")
     files = {part: weights_file(sub[part], WEIGHT_STEMS[part], variant) for part in sub}
     if not (fam.runtime_pickles if pickles is None else pickles):
         unsafe = [f for f in files.values() if f.suffix != ".safetensors"]
@@ -154,9 +173,6 @@ def identify(sd: dict, path: Path | str) -> Family:
     """The family of a CompVis single file; a CheckpointError naming the model for anything else."""
     if any(k.startswith("conditioner.embedders.") for k in sd):
         raise CheckpointError(f"{path} is an SDXL checkpoint; this project runs Stable Diffusion v1.x and LDM text2img")
-    if CROSS_K in sd and sd[CROSS_K].shape[-1] == 1024:
-        raise CheckpointError(f"{path} is a Stable Diffusion 2.x checkpoint (1024-wide OpenCLIP text states), "
-                              "not an SD v1 checkpoint; use SD 1.4 / 1.5 weights (`p2p download sd-v1-5`)")
     conv_in = sd.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise CheckpointError(f"{path} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
@@ -167,7 +183,40 @@ def identify(sd: dict, path: Path | str) -> Family:
                                   "(with unet/, vae/, text_encoder/, tokenizer/) instead")
         raise CheckpointError(f"{path} is not a Stable Diffusion v1 checkpoint (nor an LDM text2img one): it has no "
                               f"{SD_V1_TELL} (its first keys: {', '.join(sorted(sd)[:5])})")
+    if OPEN_CLIP_TELL in sd or (CROSS_K in sd and sd[CROSS_K].shape[-1] == 1024):
+        return FAMILIES["sd-v2"]
     return FAMILIES["ldm" if any(k.startswith(LDM_TELL) for k in sd) else "sd-v1"]
+
+
+# The public SD 2.x files of both sizes have the same keys and shapes (sd2-sdxl.md §2.6): only the name tells
+# the 512 eps model (v2-1_512-ema-pruned, 512-base-ema) from the 768 v model (v2-1_768-ema-pruned, 768-v-ema).
+PRESET_BY_NAME = {"512": "sd2-base", "768": "sd2"}
+# (family, native latent side) -> the prediction type the public models of that size were trained for
+PREDICTION = {("sd-v2", 64): "epsilon", ("sd-v2", 96): "v_prediction"}
+
+
+def preset_for_file(fam: Family, path: Path) -> str:
+    """The preset a single file of `fam` is read with: the family's, or for SD 2.x the one its name says."""
+    if not fam.presets:
+        return fam.preset
+    sizes = [n for n in PRESET_BY_NAME if n in path.name]
+    if len(sizes) != 1:
+        raise CheckpointError(
+            f"{path} is a {fam.title} checkpoint, and its keys do not say whether it is the 512 px eps model or the "
+            f"768 px v-prediction model (nor does its name): pass --model-config "
+            + " or ".join(f"{p} ({'768 px, v' if p == 'sd2' else '512 px, eps'})" for p in fam.presets))
+    return PRESET_BY_NAME[sizes[0]]
+
+
+def check_prediction(cfg: ModelConfig, what: str, fix: str):
+    """Refuse a public model's size paired with the other prediction type: a 768 px SD 2 model sampled as
+    eps (or a 512 px one as v) gives noise without any other sign of the mistake."""
+    want = PREDICTION.get((cfg.family, cfg.unet.sample_size))
+    got = cfg.ddim.prediction_type
+    if want and got != want:
+        side = cfg.unet.sample_size * cfg.vae_scale
+        raise CheckpointError(f"{what} says prediction_type {got!r}, but a {side} px {family(cfg.family).title} "
+                              f"model predicts {want!r}: {fix.format(want=want)}")
 
 
 def read_single_file(path: Path, config: str | ModelConfig | None, ema: bool, pickles: bool | None = None):
@@ -178,10 +227,19 @@ def read_single_file(path: Path, config: str | ModelConfig | None, ema: bool, pi
         raise needs_conversion(path, [path], family(cfg.family))  # known before reading gigabytes
     sd = read_tensors(path)
     fam = identify(sd, path)
-    cfg = cfg or preset(fam.preset)
+    cfg = cfg or preset(preset_for_file(fam, path))
     if path.suffix != ".safetensors" and not allowed(fam):
         raise needs_conversion(path, [path], fam)
-    return cfg, split_single_file(sd, cfg, ema, path)
+    sds = split_single_file(sd, cfg, ema, path)
+    if fam.presets and cfg.family == fam.name:
+        named = [n for n in PRESET_BY_NAME if n in path.name]
+        stated = preset(PRESET_BY_NAME[named[0]]) if len(named) == 1 else None
+        if stated is not None and stated.ddim.prediction_type != cfg.ddim.prediction_type:
+            raise CheckpointError(f"{path} is named as the {stated.image_size} px {fam.title} model, which predicts "
+                                  f"{stated.ddim.prediction_type!r}, but the config given says "
+                                  f"{cfg.ddim.prediction_type!r}: pass --model-config {PRESET_BY_NAME[named[0]]}")
+        check_prediction(cfg, f"{path}: the config given", "pass --model-config " + " or ".join(fam.presets))
+    return cfg, sds
 
 
 def split_single_file(sd: dict, cfg: ModelConfig, ema: bool = True, path: Path | str = "checkpoint") -> dict:
@@ -189,7 +247,8 @@ def split_single_file(sd: dict, cfg: ModelConfig, ema: bool = True, path: Path |
     fam = identify(sd, path)
     if fam.name != cfg.family:
         raise CheckpointError(f"{path} is a {fam.title} checkpoint but is being read with a {cfg.family!r} config; "
-                              f"leave out --model-config (the family is detected) or give a {fam.name!r} preset")
+                              "leave out --model-config (the family is detected) or give "
+                              + " or ".join(repr(p) for p in (fam.presets or (fam.preset,))))
     unet = split_prefix(sd, UNET)
     ema_keys = {k for k in sd if k.startswith("model_ema.")} - IGNORED_KEYS
     if ema and len(ema_keys) > 100:  # a full-EMA file: the EMA copy is the one to sample with
@@ -199,8 +258,8 @@ def split_single_file(sd: dict, cfg: ModelConfig, ema: bool = True, path: Path |
         unet = ema_unet
     sds = {"unet": unet_from_compvis(unet, cfg.unet),
            "vae": vae_from_compvis(split_prefix(sd, VAE), len(cfg.vae.block_out_channels)),
-           "text": fam.text_from_compvis(split_prefix(sd, TEXT), cfg.text)}
-    leftover = {k for k in sd if not k.startswith((UNET, VAE, TEXT)) and k not in IGNORED_KEYS} - ema_keys
+           "text": fam.text_from_compvis(split_prefix(sd, fam.text_file_key), cfg.text)}
+    leftover = {k for k in sd if not k.startswith((UNET, VAE, fam.text_file_key)) and k not in IGNORED_KEYS} - ema_keys
     if leftover:
         raise CheckpointError(f"{path} holds {len(leftover)} entries that belong to no {fam.title} network: "
                               f"{', '.join(sorted(leftover)[:8])}")
