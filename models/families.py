@@ -18,7 +18,9 @@ from .clip import CLIPTextModel
 from .ddim import DIFFUSERS_DEFAULTS, DDIMConfig
 from .errors import UserError
 from .ldmbert import LDMBertModel
-from .presets import PRESETS, clip_config_from_transformers, ldmbert_config_from_diffusers
+from .presets import PRESETS, clip_config_from_transformers, ldmbert_config_from_diffusers, \
+    sdxl_text_config_from_transformers
+from .sdxl import SDXLTextEncoder, SDXLTokenizer
 from .tokenizer import CLIPTokenizer, OpenCLIPTokenizer, PromptTokenizer
 from .wordpiece import BertTokenizer
 
@@ -32,15 +34,17 @@ class Family:
     text_encoder: type  # module class of psi: CLIPTextModel | LDMBertModel
     tokenizer: type[PromptTokenizer]
     tokenizer_forms: str  # what a tokenizer path may be, for messages
-    folders: dict[str, str]  # our part ("unet", "vae", "text") -> its diffusers sub-folder
+    folders: dict[str, str]  # our part ("unet", "vae", "text", SDXL's "text_2") -> its diffusers sub-folder
     text_file_prefix: str  # prefix of the text weights in a diffusers file ("text_model." as transformers 4 saved)
-    text_config_from_json: Callable[[dict], Any]  # the text sub-folder's config.json -> our text config
+    text_config_from_json: Callable[..., Any]  # the text sub-folders' config.json (one per text part) -> our config
     text_from_compvis: Callable[[dict, Any], dict]  # the single file's text weights (prefix stripped) -> our names
     scheduler_defaults: DDIMConfig  # what the keys a scheduler_config.json lacks mean for this family
     runtime_pickles: bool  # whether generation reads PyTorch pickles (weights_only=True) or wants safetensors
     text_file_key: str = "cond_stage_model.transformer."  # prefix of the text weights in a CompVis single file
     linear_projection: bool = False  # the UNet's proj_in/out are Linear: tells SD 2.x from SD v1 (same pipeline class)
     presets: tuple[str, ...] = ()  # the full-size presets of the family when there are several (by file name)
+    zero_negative: bool = False  # an empty negative prompt is zeros, text states and pooled (SDXL's
+    # force_zeros_for_empty_prompt, as diffusers and sgm's demo do), not the encoding of ""
 
 
 FAMILIES: dict[str, Family] = {
@@ -67,6 +71,16 @@ FAMILIES: dict[str, Family] = {
         scheduler_defaults=PRESETS["sd2-base"].ddim,
         runtime_pickles=True,  # the .ckpt files are plain tensors: weights_only=True reads them, running no code
         text_file_key="cond_stage_model.model.", linear_projection=True, presets=("sd2-base", "sd2"),
+    ),
+    "sdxl": Family(
+        "sdxl", title="Stable Diffusion XL", preset="sdxl", pipeline_class="StableDiffusionXLPipeline",
+        text_encoder=SDXLTextEncoder, tokenizer=SDXLTokenizer, tokenizer_forms="a diffusers tokenizer/ folder, a "
+        "tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (both SDXL tokenizers are CLIP's BPE)",
+        folders={"unet": "unet", "vae": "vae", "text": "text_encoder", "text_2": "text_encoder_2"},
+        text_file_prefix="text_model.", text_config_from_json=sdxl_text_config_from_transformers,
+        text_from_compvis=lambda sd, cfg: sd,  # not built yet: the single file is refused in p2p/files/loading.py
+        scheduler_defaults=PRESETS["sdxl"].ddim, runtime_pickles=False,
+        text_file_key="conditioner.embedders.", linear_projection=True, zero_negative=True,
     ),
     "ldm": Family(
         "ldm", title="LDM text2img", preset="ldm", pipeline_class="LDMTextToImagePipeline", text_encoder=LDMBertModel,

@@ -28,7 +28,7 @@ NATIVE_CONFIG, NATIVE_WEIGHTS = "model.toml", "model.safetensors"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"  # the model trained by p2p.world.train, shipped with p2p
 LDM_TELL = TEXT + "attn_layers."  # LDM's x-transformers text encoder (SD v1: cond_stage_model.transformer.text_model.)
 WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                "text": ("model", "pytorch_model")}  # file names in a diffusers folder, before the extension
+                "text": ("model", "pytorch_model"), "text_2": ("model", "pytorch_model")}  # file names in a diffusers folder, before the extension
 
 
 def read_model(path: str | Path, *, variant: str | None = None, ema: bool = True,
@@ -107,6 +107,8 @@ def folder_family(path: Path) -> Family:
         own = {f.name: [d for p, d in f.folders.items() if p != "unet" and (path / d).is_dir()]
                for f in FAMILIES.values()}
         found = [name for name, dirs in own.items() if dirs]
+    if len(found) > 1:  # SDXL: the only one with text_encoder_2/
+        found = [n for n in found if all((path / d).is_dir() for d in FAMILIES[n].folders.values())] or found
     if len(found) > 1:  # SD v1 and SD 2.x share a pipeline class and a layout: the UNet's projections differ
         unet_json = path / "unet" / "config.json"
         linear = bool(read_json(unet_json).get("use_linear_projection", False)) if unet_json.is_file() else False
@@ -133,7 +135,8 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
         base = next((preset(p) for p in fam.presets if preset(p).unet.sample_size == unet.sample_size),
                     preset(fam.preset))
         cfg = replace(base, unet=unet, vae=vae_config_from_diffusers(read_json(sub["vae"] / "config.json")),
-                      text=fam.text_config_from_json(read_json(sub["text"] / "config.json")))
+                      text=fam.text_config_from_json(*(read_json(sub[p] / "config.json") for p in sub
+                                                       if p.startswith("text"))))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: a config.json lacks a required field ({e})") from e
     sched = path / "scheduler" / "scheduler_config.json"
@@ -153,6 +156,10 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
     sds = {part: read_tensors(f) for part, f in files.items()}
     if fam.text_file_prefix:  # transformers >= 5.6 saves without the prefix
         sds["text"] = split_prefix(sds["text"], fam.text_file_prefix) or sds["text"]
+    if "text_2" in sds:  # SDXL: the towers under their folder names; bigG keeps its top-level text_projection
+        strip = lambda sd: {k.removeprefix(fam.text_file_prefix): v for k, v in sd.items()}  # noqa: E731
+        sds["text"] = {**{"text_encoder." + k: v for k, v in sds["text"].items()},
+                       **{"text_encoder_2." + k: v for k, v in strip(sds.pop("text_2")).items()}}
     sds["vae"] = vae_from_diffusers(sds["vae"])
     tok = path / "tokenizer"
     return cfg, sds, tok if tok.is_dir() else None
@@ -163,7 +170,9 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
 def identify(sd: dict, path: Path | str) -> Family:
     """The family of a CompVis single file; a CheckpointError naming the model for anything else."""
     if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise CheckpointError(f"{path} is an SDXL checkpoint; this project runs Stable Diffusion v1.x and LDM text2img")
+        raise CheckpointError(f"{path} is an SDXL checkpoint, whose single file is not readable yet: use its "
+                              "diffusers folder (stabilityai/stable-diffusion-xl-base-1.0: unet/ vae/ text_encoder/ text_encoder_2/ "
+                              "tokenizer/)")
     conv_in = sd.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise CheckpointError(f"{path} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
