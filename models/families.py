@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .checkpoint import clip_from_open_clip, ldmbert_from_compvis, split_prefix
+from .checkpoint import clip_from_open_clip, ldmbert_from_compvis, sdxl_text_from_sgm, split_prefix
 from .clip import CLIPTextModel
 from .ddim import DIFFUSERS_DEFAULTS, DDIMConfig
 from .errors import UserError
@@ -78,7 +78,7 @@ FAMILIES: dict[str, Family] = {
         "tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (both SDXL tokenizers are CLIP's BPE)",
         folders={"unet": "unet", "vae": "vae", "text": "text_encoder", "text_2": "text_encoder_2"},
         text_file_prefix="text_model.", text_config_from_json=sdxl_text_config_from_transformers,
-        text_from_compvis=lambda sd, cfg: sd,  # not built yet: the single file is refused in p2p/files/loading.py
+        text_from_compvis=sdxl_text_from_sgm,  # conditioner.embedders.{0: transformers CLIP-L, 1: open_clip bigG}
         scheduler_defaults=PRESETS["sdxl"].ddim, runtime_pickles=False,
         text_file_key="conditioner.embedders.", linear_projection=True, zero_negative=True,
     ),

@@ -120,3 +120,146 @@ def test_seeded_generation_equals_diffusers(folder, pipe, kw):
     print(f"mean abs {diff.mean():.4f}/255, max {diff.max():.0f}/255")
     assert expected.std() > 5
     assert diff.mean() <= 1.0
+
+
+# --- single files: the real layout, a tiny one, the family errors ------------------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from models.checkpoint import (CheckpointError, UNET_RESNET_RENAMES, VAE_RENAMES, load_module, rename,  # noqa: E402
+                               sdxl_text_from_sgm, split_prefix, unet_prefixes, vae_prefixes)
+from models.sdxl import SDXLTextEncoder  # noqa: E402
+from models.unet import UNet  # noqa: E402
+from models.vae import AutoencoderKL  # noqa: E402
+from p2p.files.loading import split_single_file  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BIG_G = "conditioner.embedders.1.model."
+
+
+def fixture(name):
+    keys = json.loads((FIXTURES / name).read_text())
+    keys.pop("_meta")
+    return keys
+
+
+def meta(keys):
+    return {k: torch.empty(s, device="meta") for k, s in keys.items()}
+
+
+@pytest.mark.parametrize("extra", [{}, {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids":
+                                        [1, 77], "denoiser.sigmas": [1000]}])
+def test_real_sdxl_single_file_is_consumed_completely(extra):
+    """sd_xl_base_1.0.safetensors' 2514 keys (tests/fixtures/make_sdxl_keys.py); the entries whose presence the
+    published size did not settle (position_ids, denoiser.sigmas) are read either way."""
+    keys = {**fixture("sdxl_single_file_keys.json"), **extra}
+    assert len(keys) == 2514 + len(extra)
+    cfg = PRESETS["sdxl"]
+    sds = split_single_file(meta(keys), cfg)
+    with torch.device("meta"):
+        for module, part in ((UNet(cfg.unet), "unet"), (AutoencoderKL(cfg.vae), "vae"),
+                             (SDXLTextEncoder(cfg.text), "text")):
+            load_module(module, sds[part], part)
+
+
+def test_our_bigg_mapping_equals_diffusers_on_the_real_layout():
+    """Every bigG key of the real file goes where diffusers' convert_open_clip_checkpoint puts it (q/k/v rows of the
+    fused in_proj, the transposed text_projection); the UNet's 1680 where convert_ldm_unet_checkpoint does."""
+    keys = fixture("sdxl_single_file_keys.json")
+    tagged = {}
+    for i, (k, s) in enumerate(keys.items()):
+        if "in_proj" in k:  # rows matter: a column of row numbers
+            rows = torch.arange(float(s[0])) + 1e4 * i
+            tagged[k] = rows[:, None] if len(s) == 2 else rows
+        elif k.endswith("text_projection"):
+            tagged[k] = torch.arange(float(s[0] * s[1])).reshape(s)
+        else:
+            tagged[k] = torch.tensor([float(i)])
+    big_g = {k: v for k, v in tagged.items() if k.startswith(BIG_G)}
+    theirs = convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=1280)), big_g, BIG_G)
+    theirs = {"text_encoder_2." + k.removeprefix("text_model."): v for k, v in theirs.items()}
+    ours = sdxl_text_from_sgm(split_prefix(tagged, "conditioner.embedders."), PRESETS["sdxl"].text)
+    ours = {k: v for k, v in ours.items() if k.startswith("text_encoder_2.")}
+    assert ours.keys() == theirs.keys() and len(ours) == 517  # sd2-sdxl.md §0: 517/517
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    unet = {k: v for k, v in tagged.items() if k.startswith("model.diffusion_model.")}
+    from tests.tiny import reference_unet
+    with torch.device("meta"):
+        unet_cfg = dict(reference_unet(PRESETS["sdxl"].unet).config)
+    from models.checkpoint import unet_from_compvis
+    ours = unet_from_compvis(split_prefix(unet, "model.diffusion_model."), PRESETS["sdxl"].unet)
+    theirs = convert_ldm_unet_checkpoint(unet, unet_cfg)
+    assert len(ours) == 1680 and {k: v.item() for k, v in ours.items()} == {k: v.item() for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize("fixture_name,config,says", [
+    ("sdxl_single_file_keys.json", "sd2", "Stable Diffusion XL checkpoint but is being read with a 'sd-v2'"),
+    ("sdxl_single_file_keys.json", "sd-v1", "Stable Diffusion XL checkpoint but is being read with a 'sd-v1'"),
+    ("sd2_single_file_keys.json", "sdxl", "Stable Diffusion 2.x checkpoint but is being read with a 'sdxl'"),
+    ("sd_v1_single_file_keys.json", "sdxl", "Stable Diffusion v1 checkpoint but is being read with a 'sdxl'"),
+])
+def test_wrong_family_is_one_error(fixture_name, config, says):
+    with pytest.raises(CheckpointError, match=says) as e:
+        split_single_file(meta(fixture(fixture_name)), PRESETS[config], path=fixture_name)
+    assert "\n" not in str(e.value)
+
+
+def to_open_clip(text_2: dict) -> dict:
+    """A transformers CLIPTextModelWithProjection state dict in open_clip's names (fused in_proj, text_projection
+    as x @ P): how sgm stores bigG."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_2.items() if not k.endswith("position_ids")}
+    out = {"token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
+           "text_projection": sd.pop("text_projection.weight").t(), "logit_scale": torch.tensor(4.6052)}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    layers = {int(k.split(".")[2]) for k in sd}
+    for i in layers:
+        p = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"{p}self_attn.{q}_proj.{kind}") for q in "qkv"])
+            for a, b in names.items():
+                out[f"transformer.resblocks.{i}.{b}.{kind}"] = sd.pop(f"{p}{a}.{kind}")
+    assert not sd
+    return out
+
+
+def test_tiny_single_file_generates_as_diffusers(folder, clip_vocab_dir, tmp_path):
+    """A tiny sd_xl_base_1.0-layout file made from the reference pipeline's weights (UNet and VAE in CompVis names
+    by the inverse of our tables, checked against diffusers' converter; CLIP-L as transformers saves it; bigG in
+    open_clip's layout, checked against convert_open_clip_checkpoint): the same image as StableDiffusionXLPipeline."""
+    ref, _ = folder
+    up = {v: k for k, v in unet_prefixes(TINY.unet).items()}
+    us = {v: k for k, v in UNET_RESNET_RENAMES.items()}
+    vp = {v: k for k, v in vae_prefixes(len(TINY.vae.block_out_channels)).items()}
+    vs = {v: k for k, v in VAE_RENAMES.items()}
+    sd = {"model.diffusion_model." + rename(k, up, us): v for k, v in ref.unet.state_dict().items()}
+    for k, v in ref.vae.state_dict().items():
+        k = rename(k, vp, vs)
+        sd["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    sd.update({"conditioner.embedders.0.transformer." + k: v for k, v in ref.text_encoder.state_dict().items()})
+    sd.update({BIG_G + k: v for k, v in to_open_clip(ref.text_encoder_2.state_dict()).items()})
+    back = convert_open_clip_checkpoint(ref.text_encoder_2, sd, BIG_G)
+    theirs = ref.text_encoder_2.state_dict()
+    assert all(torch.equal(back[k], theirs[k]) for k in theirs if not k.endswith("position_ids"))
+    assert convert_ldm_unet_checkpoint(sd, dict(ref.unet.config)).keys() == ref.unet.state_dict().keys()
+    path = tmp_path / "tiny_sd_xl_base.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    pipe = Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny-sdxl", device="cpu")
+    assert pipe.cfg.family == "sdxl"
+    prompt = "a photograph of an astronaut riding a horse"
+    out = ref(prompt, generator=torch.Generator("cpu").manual_seed(3), output_type="np", num_inference_steps=6,
+              guidance_scale=5.0).images[0]
+    (got,) = pipe.generate(prompt, seed=3, steps=6, progress=False)
+    diff = np.abs(np.asarray(got, float) - (out * 255).round())
+    print(f"single file: mean abs {diff.mean():.4f}/255, max {diff.max():.0f}/255")
+    assert diff.mean() <= 1.0
+    with pytest.raises(CheckpointError, match="Stable Diffusion XL checkpoint but is being read with a 'sd-v2'"):
+        Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny-sd2", device="cpu")

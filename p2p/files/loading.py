@@ -24,6 +24,7 @@ UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 OPEN_CLIP_TELL = "cond_stage_model.model.token_embedding.weight"  # SD 2.x: OpenCLIP's text tower
 SD_V1_TELL = UNET + "output_blocks.11.0.skip_connection.weight"  # diffusers' own test for an SD v1 file
 CROSS_K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+SDXL_TELL = "conditioner.embedders.1.model.positional_embedding"  # bigG as sgm's second embedder (sd2-sdxl.md §4.2)
 NATIVE_CONFIG, NATIVE_WEIGHTS = "model.toml", "model.safetensors"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"  # the model trained by p2p.world.train, shipped with p2p
 LDM_TELL = TEXT + "attn_layers."  # LDM's x-transformers text encoder (SD v1: cond_stage_model.transformer.text_model.)
@@ -169,14 +170,15 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
 
 def identify(sd: dict, path: Path | str) -> Family:
     """The family of a CompVis single file; a CheckpointError naming the model for anything else."""
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise CheckpointError(f"{path} is an SDXL checkpoint, whose single file is not readable yet: use its "
-                              "diffusers folder (stabilityai/stable-diffusion-xl-base-1.0: unet/ vae/ text_encoder/ text_encoder_2/ "
-                              "tokenizer/)")
     conv_in = sd.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise CheckpointError(f"{path} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
                               "depth model); Prompt-to-Prompt needs a plain 4-channel text-to-image UNet")
+    if SDXL_TELL in sd and any(k.startswith("conditioner.embedders.0.transformer.") for k in sd):  # CLIP-L, then bigG
+        return FAMILIES["sdxl"]
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise CheckpointError(f"{path} is an SDXL checkpoint other than SDXL base (its text embedders are not CLIP-L "
+                              "and bigG: the refiner?); this project runs SD v1.x, 2.x, SDXL base and LDM text2img")
     if SD_V1_TELL not in sd:
         if any(k.startswith(("down_blocks.", "conv_in.")) for k in sd):
             raise CheckpointError(f"{path} is a single diffusers UNet file; pass the whole diffusers folder "
