@@ -5,7 +5,8 @@ Prompt-to-Prompt (Hertz et al., ICLR 2023) shows its results on both. They share
 (models/vae.py) and DDIM (models/ddim.py); they differ in the text encoder and its tokenizer, in how
 their files are laid out, and in the defaults the authors used with each. Stable Diffusion 2.x (after the
 paper) is SD v1's code with other configs (models/presets.py), OpenCLIP's padding id and OpenCLIP's key layout
-in single files. Code that handles a model looks its `ModelConfig.family` up in `FAMILIES` instead of
+in single files; SDXL adds two text towers and the micro-conditioning (models/sdxl.py) and sgm's single-file
+layout. Code that handles a model looks its `ModelConfig.family` up in `FAMILIES` instead of
 branching on the name.
 """
 from __future__ import annotations

@@ -263,3 +263,11 @@ def test_tiny_single_file_generates_as_diffusers(folder, clip_vocab_dir, tmp_pat
     assert diff.mean() <= 1.0
     with pytest.raises(CheckpointError, match="Stable Diffusion XL checkpoint but is being read with a 'sd-v2'"):
         Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny-sd2", device="cpu")
+
+
+def test_convert_says_sdxl_is_not_written(folder, tmp_path):
+    from p2p.files.convert import convert
+
+    with pytest.raises(CheckpointError, match="does not write its two-tower folders yet"):
+        convert(folder[1], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
