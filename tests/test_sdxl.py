@@ -271,3 +271,16 @@ def test_convert_says_sdxl_is_not_written(folder, tmp_path):
     with pytest.raises(CheckpointError, match="does not write its two-tower folders yet"):
         convert(folder[1], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_zeroed_negative_is_what_diffusers_samples(folder, pipe):
+    """The comparison can fail: with the encoding of "" as the negative (SD's convention) the image differs."""
+    ref, _ = folder
+    prompt = "a photograph of an astronaut riding a horse"
+    out = ref(prompt, generator=torch.Generator("cpu").manual_seed(3), output_type="np", num_inference_steps=10,
+              guidance_scale=5.0).images[0]
+    g = torch.Generator("cpu").manual_seed(3)
+    z_T = pipe.initial_latent(g, 64, 64)
+    z_0 = pipe.denoise(z_T, pipe.encode_text([prompt]), pipe.encode_text([""]), steps=10, guidance=5.0, progress=False)
+    (other,) = pipe.decode(z_0)
+    assert np.abs(np.asarray(other, float) - (out * 255).round()).mean() > 1.0
