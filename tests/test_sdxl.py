@@ -284,3 +284,23 @@ def test_zeroed_negative_is_what_diffusers_samples(folder, pipe):
     z_0 = pipe.denoise(z_T, pipe.encode_text([prompt]), pipe.encode_text([""]), steps=10, guidance=5.0, progress=False)
     (other,) = pipe.decode(z_0)
     assert np.abs(np.asarray(other, float) - (out * 255).round()).mean() > 1.0
+
+
+# --- the command line, unchanged -------------------------------------------------------------------------------
+
+def test_cli_generate_edit_and_refusal(folder, tmp_path, capsys):
+    from p2p.cli import main as cli
+
+    from tests.test_cli_errors import one_line_error
+
+    model, quick = str(folder[1]), ["--steps", "2", "--quiet"]
+    assert cli(["generate", "--model", model, "--prompt", "a cat sitting on a chair", "--out",
+                str(tmp_path / "g.png"), *quick]) == 0
+    assert (tmp_path / "g.png").is_file()
+    assert cli(["edit", "--model", model, "--prompt", "a cat sitting on a chair", "--target",
+                "a dog sitting on a chair", "--height", "256", "--width", "256", "--blend", "cat", "dog",
+                "--out-dir", str(tmp_path / "e"), *quick]) == 0
+    capsys.readouterr()
+    assert cli(["edit", "--model", model, "--prompt", "a cat!! on a chair", "--target", "a dog!! on a chair",
+                "--out-dir", str(tmp_path / "e2"), *quick]) != 0
+    one_line_error(capsys, "edit", "split the prompt 'a cat!! on a chair' differently", "remove the '!'")
