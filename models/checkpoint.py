@@ -97,7 +97,7 @@ IGNORED_KEYS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "model_ema.decay", "model_ema.num_updates",
+    "logvar", "model_ema.decay", "model_ema.num_updates", "denoiser.sigmas",  # sgm: its DiscreteDenoiser's buffer
 }
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
 
@@ -191,6 +191,25 @@ def clip_from_open_clip(sd: dict, layers: int) -> dict:
                 out[f"{new}self_attn.{name}.{kind}"] = part
         else:
             out[new + rename_subkey(rest, OPEN_CLIP_BLOCK)] = v
+    return out
+
+
+def sdxl_text_from_sgm(sd: dict, cfg) -> dict:
+    """SDXL's `conditioner.embedders.` tensors (prefix stripped) -> our SDXLTextEncoder names: embedder 0 is a
+    transformers CLIPTextModel (`transformer.text_model.*`), embedder 1 open_clip's bigG tower (`model.*`, fused
+    in_proj split, all its blocks kept: SDXL reads the penultimate states and the last block's pooled output)
+    whose `text_projection` (used as x @ P) becomes a Linear weight P^T; `logit_scale` is dropped."""
+    clip = {k.removeprefix("0.transformer.").removeprefix("text_model."): v for k, v in sd.items()
+            if k.startswith("0.transformer.") and not k.endswith("position_ids")}  # text_model. as transformers 4
+    big_g = split_prefix(sd, "1.model.")
+    out = {"text_encoder." + k: v for k, v in clip.items()}
+    layers = cfg.open_clip.num_hidden_layers
+    out.update({"text_encoder_2." + k: v for k, v in clip_from_open_clip(big_g, layers).items()})
+    if "text_projection" in big_g:
+        out["text_encoder_2.text_projection.weight"] = big_g["text_projection"].t()
+    known = {"0.transformer.text_model.embeddings.position_ids", "1.model.logit_scale"}
+    out.update({"conditioner.embedders." + k: v for k, v in sd.items()  # anything else: reported by the loader
+                if not k.startswith(("0.transformer.", "1.model.")) and k not in known})
     return out
 
 

@@ -16,19 +16,21 @@ from .clip import CLIPTextConfig
 from .ddim import DDIMConfig
 from .errors import UnknownNameError, UserError
 from .ldmbert import LDMBertConfig
+from .sdxl import SDXLTextConfig
 from .unet import UNetConfig
 from .vae import VAEConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-TEXT_CONFIGS = {"sd-v1": CLIPTextConfig, "sd-v2": CLIPTextConfig, "ldm": LDMBertConfig}  # family -> its text config
+TEXT_CONFIGS = {"sd-v1": CLIPTextConfig, "sd-v2": CLIPTextConfig, "ldm": LDMBertConfig,  # family -> its text config
+                "sdxl": SDXLTextConfig}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "sd-v1" | "sd-v2" | "ldm"
+    family: str  # "sd-v1" | "sd-v2" | "ldm" | "sdxl"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text: CLIPTextConfig | LDMBertConfig = field(default_factory=CLIPTextConfig)  # LDMBertConfig for "ldm"
+    text: CLIPTextConfig | LDMBertConfig | SDXLTextConfig = field(default_factory=CLIPTextConfig)  # by family
     ddim: DDIMConfig = field(default_factory=DDIMConfig)
     guidance: float = 7.5  # classifier-free guidance scale w
     steps: int = 50
@@ -53,6 +55,10 @@ class ModelConfig:
 SD2_TEXT = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                           hidden_act="gelu")
 SD2_UNET = UNetConfig(heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+SDXL_UNET = UNetConfig(block_out_channels=(320, 640, 1280), attention_levels=(False, True, True), heads=(5, 10, 20),
+                       transformer_layers=(1, 2, 10), cross_attention_dim=2048, sample_size=128,
+                       use_linear_projection=True, addition_time_embed_dim=256,
+                       projection_class_embeddings_input_dim=2816)
 
 PRESETS: dict[str, ModelConfig] = {
     "sd-v1": ModelConfig("sd-v1"),
@@ -103,6 +109,29 @@ PRESETS: dict[str, ModelConfig] = {
                             hidden_act="gelu"),
         image_size=64,
     ),
+    # SDXL base 1.0 (Stability-AI/generative-models sd_xl_base.yaml; the diffusers configs of
+    # stable-diffusion-xl-base-1.0, sd2-sdxl.md §3): 3 levels, attention at the lower two only with 2 and 10
+    # transformer blocks per spatial transformer (mid block 10), 64-wide heads, 2048-wide context (CLIP-L || bigG),
+    # the "text_time" micro-conditioning (pooled 1280 + 6 x 256), the retrained VAE's scaling factor 0.13025,
+    # 1024 px, guidance 5 (diffusers' and sgm's default).
+    "sdxl": ModelConfig("sdxl", unet=SDXL_UNET, vae=VAEConfig(scaling_factor=0.13025), text=SDXLTextConfig(),
+                        guidance=5.0, image_size=1024),
+    # A miniature of SDXL (3 levels, no attention at the top one, 1/2/3 transformer blocks, micro-conditioning of
+    # width 8, towers of width 32 (quick-GELU) and 48 (GELU, projection 16)), for tests.
+    "tiny-sdxl": ModelConfig(
+        "sdxl",
+        unet=UNetConfig(block_out_channels=(32, 64, 64), attention_levels=(False, True, True), heads=(2, 4, 4),
+                        transformer_layers=(1, 2, 3), cross_attention_dim=80, sample_size=8,
+                        use_linear_projection=True, addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=16 + 6 * 8),
+        vae=VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, scaling_factor=0.13025),
+        text=SDXLTextConfig(
+            clip=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                layer="penultimate"),
+            open_clip=CLIPTextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                     hidden_act="gelu", layer="penultimate", projection_dim=16)),
+        guidance=5.0, image_size=64,
+    ),
     # A miniature of LDM (same topology; LDMBert with an inner attention width unlike its width), for tests.
     "tiny-ldm": ModelConfig(
         "ldm",
@@ -123,7 +152,10 @@ def _build(cls, values: dict):
             continue
         v = values[f.name]
         sub = {"unet": UNetConfig, "vae": VAEConfig, "text": text, "ddim": DDIMConfig}.get(f.name)
-        kwargs[f.name] = _build(sub, v) if cls is ModelConfig and sub else tuple(v) if isinstance(v, list) else v
+        if cls is SDXLTextConfig:  # its two towers
+            sub = CLIPTextConfig
+        kwargs[f.name] = _build(sub, v) if cls in (ModelConfig, SDXLTextConfig) and sub else \
+            tuple(v) if isinstance(v, list) else v
     unknown = set(values) - {f.name for f in fields(cls)}
     if unknown:
         raise UserError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
@@ -144,12 +176,15 @@ def to_toml(cfg: ModelConfig) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v) if isinstance(v, float) else f'"{v}"' if isinstance(v, str) else str(v)
 
-    d = asdict(cfg)
-    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for section, sub in d.items():
-        if isinstance(sub, dict):
-            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in sub.items()]
-    return "\n".join(lines) + "\n"
+    def table(d: dict, name: str) -> list[str]:
+        lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+        lines = ([f"[{name}]"] if name and lines else []) + lines
+        for section, sub in d.items():
+            if isinstance(sub, dict):  # sections, and SDXL's [text.clip] / [text.open_clip]
+                lines += ([""] if lines else []) + table(sub, f"{name}.{section}" if name else section)
+        return lines
+
+    return "\n".join(table(asdict(cfg), "")) + "\n"
 
 
 def preset(name: str) -> ModelConfig:
@@ -166,13 +201,13 @@ def _require(d: dict, what: str, checks: dict):
            and not (isinstance(ok, tuple) and d[k] in ok)]
     if bad:
         raise UserError(f"{what} describes a model this project does not build: {'; '.join(bad)}. "
-                        "Supported: Stable Diffusion v1.x and 2.x, and LDM text2img")
+                        "Supported: Stable Diffusion v1.x, 2.x and XL, and LDM text2img")
 
 
 def unet_config_from_diffusers(d: dict) -> UNetConfig:
     _require(d, "unet/config.json", {
-        "use_linear_projection": (False, True), "transformer_layers_per_block": 1, "flip_sin_to_cos": True,
-        "freq_shift": 0, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+        "use_linear_projection": (False, True), "flip_sin_to_cos": True,
+        "freq_shift": 0, "class_embed_type": None, "addition_embed_type": (None, "text_time"), "num_class_embeds": None,
         "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "conv_in_kernel": 3,
         "conv_out_kernel": 3, "dual_cross_attention": False, "only_cross_attention": False, "act_fn": "silu",
         "mid_block_type": ("UNetMidBlock2DCrossAttn", None), "center_input_sample": False,
@@ -188,13 +223,22 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
         if len(heads) != len(down):
             raise UserError(f"unet/config.json: attention_head_dim {heads} needs one entry per level ({len(down)})")
         heads = heads[0] if len(set(heads)) == 1 else tuple(heads)
+    depth = d.get("transformer_layers_per_block", 1)  # SDXL: [1, 2, 10]
+    if isinstance(depth, list):
+        if len(depth) != len(down) or not all(isinstance(x, int) for x in depth):
+            raise UserError(f"unet/config.json: transformer_layers_per_block {depth} needs one number per level")
+        depth = depth[0] if len(set(depth)) == 1 else tuple(depth)
+    text_time = d.get("addition_embed_type") == "text_time"  # SDXL's micro-conditioning
     return UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
                       block_out_channels=tuple(d["block_out_channels"]), attention_levels=attn,
                       layers_per_block=d.get("layers_per_block", 2), heads=heads,
                       cross_attention_dim=d["cross_attention_dim"], norm_num_groups=d.get("norm_num_groups", 32),
                       sample_size=d.get("sample_size", 64),
                       use_linear_projection=bool(d.get("use_linear_projection", False)),
-                      upcast_attention=bool(d.get("upcast_attention", False)))
+                      upcast_attention=bool(d.get("upcast_attention", False)), transformer_layers=depth,
+                      addition_time_embed_dim=d["addition_time_embed_dim"] if text_time else 0,
+                      projection_class_embeddings_input_dim=d["projection_class_embeddings_input_dim"] if text_time
+                      else 0)
 
 
 def vae_config_from_diffusers(d: dict) -> VAEConfig:
@@ -218,6 +262,15 @@ def clip_config_from_transformers(d: dict) -> CLIPTextConfig:
     if cfg.hidden_act not in ("quick_gelu", "gelu"):
         raise UserError(f"text_encoder/config.json: hidden_act {cfg.hidden_act!r} is not supported")
     return cfg
+
+
+def sdxl_text_config_from_transformers(d: dict, d2: dict) -> SDXLTextConfig:
+    """text_encoder/config.json (CLIP ViT-L) and text_encoder_2/config.json (bigG, CLIPTextModelWithProjection)."""
+    clip, open_clip = clip_config_from_transformers(d), clip_config_from_transformers(d2)
+    if not d2.get("projection_dim"):
+        raise UserError("text_encoder_2/config.json has no projection_dim: SDXL's second tower has a projection")
+    return SDXLTextConfig(clip=replace(clip, layer="penultimate"),
+                          open_clip=replace(open_clip, layer="penultimate", projection_dim=d2["projection_dim"]))
 
 
 def ldmbert_config_from_diffusers(d: dict) -> LDMBertConfig:

@@ -45,11 +45,18 @@ def test_sd2_unet_configs_are_the_presets():
     assert unet_config_from_diffusers({**base, "sample_size": 96, "upcast_attention": True}) == PRESETS["sd2"].unet
 
 
-def test_sdxl_unet_config_is_refused():
+def test_sdxl_unet_config_is_the_preset():
+    """stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (sd2-sdxl.md §3.1)."""
     sdxl = {**SD15_UNET, "use_linear_projection": True, "transformer_layers_per_block": [1, 2, 10],
-            "addition_embed_type": "text_time"}
-    with pytest.raises(ValueError, match="transformer_layers_per_block.*Stable Diffusion v1.x and 2.x"):
-        unet_config_from_diffusers(sdxl)
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "addition_embed_type_num_heads": 64,
+            "projection_class_embeddings_input_dim": 2816, "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048, "sample_size": 128,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn", "upcast_attention": None}
+    assert unet_config_from_diffusers(sdxl) == PRESETS["sdxl"].unet
+    with pytest.raises(ValueError, match="addition_embed_type='text'.*Stable Diffusion v1.x, 2.x and XL"):
+        unet_config_from_diffusers({**sdxl, "addition_embed_type": "text"})
 
 
 def test_sd15_vae_config_is_the_preset():

@@ -2,7 +2,7 @@
 transformer blocks per spatial transformer), attention only at the lower levels, and the "text_time"
 micro-conditioning (pooled text embedding and 6 size/crop numbers added to the timestep embedding).
 
-Only the UNet: SDXL's two text encoders, its single-file layout and its pipeline are not built yet.
+The two text encoders, the pipeline and the single-file layout: tests/test_sdxl.py; edits: tests/test_sdxl_p2p.py.
 """
 import pytest
 import torch

@@ -81,3 +81,34 @@ def ours_from_reference(ref: StableDiffusionPipeline, cfg: ModelConfig, tokenize
         modules.append(m)
     tok = (ours_tokenizer.OpenCLIPTokenizer if cfg.family == "sd-v2" else ours_tokenizer.CLIPTokenizer)
     return Pipeline(cfg, *modules, tok.from_path(tokenizer_dir))
+
+
+def reference_xl_pipeline(tokenizer_dir, cfg: ModelConfig = PRESETS["tiny-sdxl"], seed: int = 0):
+    """A diffusers StableDiffusionXLPipeline of our SDXL preset's shapes (random weights, SD-configured DDIM, no
+    watermark), its tokenizer_2 padded with "!" as the hub's (special_tokens_map.json)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet, v = reference_unet(cfg.unet), cfg.vae
+    vae = AutoencoderKL(block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
+                        latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups,
+                        down_block_types=("DownEncoderBlock2D",) * len(v.block_out_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(v.block_out_channels),
+                        scaling_factor=v.scaling_factor, force_upcast=True).eval()
+    text = reference_text_encoder(cfg.text.clip)
+    g = cfg.text.open_clip
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=g.vocab_size, hidden_size=g.hidden_size, intermediate_size=g.intermediate_size,
+        num_hidden_layers=g.num_hidden_layers, num_attention_heads=g.num_attention_heads,
+        max_position_embeddings=g.max_position_embeddings, hidden_act=g.hidden_act, layer_norm_eps=g.layer_norm_eps,
+        projection_dim=g.projection_dim, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(20)
+    files = str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt")
+    tok, tok_2 = CLIPTokenizer(*files, model_max_length=77), CLIPTokenizer(*files, model_max_length=77, pad_token="!")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                     tokenizer_2=tok_2, unet=unet, scheduler=DDIMScheduler(**SD_DDIM),
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

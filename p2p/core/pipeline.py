@@ -27,6 +27,7 @@ from models.ddim import DDIM
 from models.errors import UserError
 from models.families import family
 from models.presets import ModelConfig, preset
+from models.sdxl import split_conditioning, time_ids
 from models.tokenizer import PromptTokenizer
 from models.unet import UNet
 from models.vae import AutoencoderKL
@@ -135,9 +136,31 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> text states psi(P) (B, 77, width)."""
-        ids = self.tokenizer.encode(list(prompts)).to(self.device)
+        """Prompts -> text states psi(P) (B, 77, width); SDXL: (B, 78, width), the last row its pooled vector
+        (models/sdxl.py)."""
+        tok = self.tokenizer
+        ids = (tok.encode_pair if self.micro_conditioned else tok.encode)(list(prompts)).to(self.device)
         return self.text_encoder(ids).to(self.dtype)
+
+    def encode_negative(self, negative_prompt: str = "") -> torch.Tensor:
+        """The unconditional psi (1 row): the encoding of the negative prompt; for SDXL an empty one is zeros
+        (diffusers' force_zeros_for_empty_prompt, sgm's demo zeroes the text embedders' outputs the same way)."""
+        cond = self.encode_text([negative_prompt])
+        return torch.zeros_like(cond) if family(self.cfg.family).zero_negative and not negative_prompt else cond
+
+    @property
+    def micro_conditioned(self) -> bool:
+        return bool(self.cfg.unet.addition_time_embed_dim)
+
+    def eps(self, z_t: torch.Tensor, t, context: torch.Tensor, controller: Controller | None = None) -> torch.Tensor:
+        """eps_theta(z_t, t, psi). SDXL: psi's vector row is the pooled embedding, and the size conditioning is
+        the image's own size (original = target = the latent's size x 8, crop (0, 0): diffusers' default)."""
+        if not self.micro_conditioned:
+            return self.unet(z_t, t, context, controller)
+        states, pooled = split_conditioning(context, self.cfg.text.pooled_dim)
+        s = self.cfg.vae_scale
+        sizes = time_ids(z_t.shape[-2] * s, z_t.shape[-1] * s, z_t.shape[0]).to(z_t.device)
+        return self.unet(z_t, t, states, controller, added=(pooled, sizes))
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
         s = self.cfg.vae_scale
@@ -179,16 +202,16 @@ class Pipeline:
             u = u.to(self.device, self.dtype).expand(B, *u.shape[1:])
             if guidance <= 1:
                 ctl.begin_step(i, t, GuidanceLayout(B, None, slice(0, B)))
-                eps = self.unet(z, t, cond, ctl)
+                eps = self.eps(z, t, cond, ctl)
             else:
                 if low_memory:
                     ctl.begin_step(i, t, GuidanceLayout(B, slice(0, B), None))
-                    eps_u = self.unet(z, t, u, ctl)
+                    eps_u = self.eps(z, t, u, ctl)
                     ctl.begin_step(i, t, GuidanceLayout(B, None, slice(0, B)))
-                    eps_c = self.unet(z, t, cond, ctl)
+                    eps_c = self.eps(z, t, cond, ctl)
                 else:
                     ctl.begin_step(i, t, GuidanceLayout.batched(B))
-                    eps_u, eps_c = self.unet(torch.cat([z, z]), t, torch.cat([u, cond]), ctl).chunk(2)
+                    eps_u, eps_c = self.eps(torch.cat([z, z]), t, torch.cat([u, cond]), ctl).chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             noise = None
             if eta > 0:  # one draw per row of z_T: prompts that share z_T share the noise (as diffusers for B=1)
@@ -217,7 +240,7 @@ class Pipeline:
         g = torch.Generator("cpu").manual_seed(seed)
         z_T = self.initial_latent(g, height, width)
         cond = self.encode_text(prompts)
-        uncond = self.encode_text([negative_prompt])
+        uncond = self.encode_negative(negative_prompt)
         z_0 = self.denoise(z_T, cond, uncond, steps=steps or self.cfg.steps,
                            guidance=self.cfg.guidance if guidance is None else guidance, eta=eta, generator=g,
                            controller=controller, low_memory=low_memory, progress=progress)

@@ -43,7 +43,7 @@ def run_edit(pipe: Pipeline, settings: EditSettings, *, controller: Controller |
     edit = build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)
     g = torch.Generator("cpu").manual_seed(s.seed)
     if inversion is None:
-        inputs = {"z_T": pipe.initial_latent(g, s.height, s.width), "uncond": pipe.encode_text([s.negative_prompt]),
+        inputs = {"z_T": pipe.initial_latent(g, s.height, s.width), "uncond": pipe.encode_negative(s.negative_prompt),
                   "controller": None}
     else:
         inputs = inversion.sampling_inputs(pipe, s.negative_prompt)

@@ -110,8 +110,17 @@ P2P_DEFAULTS: dict[tuple[str, int], P2PDefaults] = {
     # 32x32 one (1024^2 x 8), and nothing the edit or `p2p attention` reads by default lies above 24x24.
     ("sd-v2", 96): P2PDefaults(24, 24, 24),
     ("sd-v2", 8): P2PDefaults(2, 16, 32),  # the "tiny-sd2" test preset, as "tiny"
+    # SDXL at 1024 px: a 128x128 latent, attention only at 64x64 (10 self + 10 cross sites) and 32x32 (60 + 60), no
+    # 16x16 layer. The authors' rule read as latent/4 (as for SD 2.x at 768) gives the 32x32 level for everything:
+    # the blend reads its 60 cross maps (down_blocks.2, mid, up_blocks.0; RoyiRa's SDXL port's attn_res rule selects
+    # the same), self-attention is injected in its 60 layers (at most 32^2 keys), and the store keeps only them.
+    # Read literally, "16x16" would select no layer at all: no map to blend and no self-injection. The 64x64 level
+    # is left alone: a self map there is 4096^2 x 10 heads = 168 M values per image row and site (8x one at 32x32).
+    ("sdxl", 128): P2PDefaults(32, 32, 32),
+    # The "tiny-sdxl" test preset (8x8 latent, grids 4 and 2): the same rule, latent/4 = 2.
+    ("sdxl", 8): P2PDefaults(2, 2, 2),
 }
-FULL_SIZE = {"sd-v1": 64, "sd-v2": 96, "ldm": 32}
+FULL_SIZE = {"sd-v1": 64, "sd-v2": 96, "ldm": 32, "sdxl": 128}
 
 
 def p2p_defaults(cfg: ModelConfig) -> P2PDefaults:

@@ -64,6 +64,9 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None = 
         raise CheckpointError(f"{dst} already exists; convert into a new path (or delete {dst} first)")
     cfg, sds, tok_dir = read_pickles(src, config, ema)
     fam = family(cfg.family)
+    if "text_2" in fam.folders:
+        raise CheckpointError(f"{src} is a {fam.title} model: `p2p convert` does not write its two-tower folders yet; "
+                              "its public files are safetensors, which --model reads directly")
     tok_src = Path(tokenizer) if tokenizer else tok_dir
     if tok_src is None:
         raise CheckpointError(f"{src} is a single checkpoint and carries no tokenizer: pass --tokenizer PATH "

@@ -24,11 +24,12 @@ UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 OPEN_CLIP_TELL = "cond_stage_model.model.token_embedding.weight"  # SD 2.x: OpenCLIP's text tower
 SD_V1_TELL = UNET + "output_blocks.11.0.skip_connection.weight"  # diffusers' own test for an SD v1 file
 CROSS_K = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+SDXL_TELL = "conditioner.embedders.1.model.positional_embedding"  # bigG as sgm's second embedder (sd2-sdxl.md §4.2)
 NATIVE_CONFIG, NATIVE_WEIGHTS = "model.toml", "model.safetensors"
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"  # the model trained by p2p.world.train, shipped with p2p
 LDM_TELL = TEXT + "attn_layers."  # LDM's x-transformers text encoder (SD v1: cond_stage_model.transformer.text_model.)
 WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                "text": ("model", "pytorch_model")}  # file names in a diffusers folder, before the extension
+                "text": ("model", "pytorch_model"), "text_2": ("model", "pytorch_model")}  # file names in a diffusers folder, before the extension
 
 
 def read_model(path: str | Path, *, variant: str | None = None, ema: bool = True,
@@ -116,6 +117,8 @@ def folder_family(path: Path) -> Family:
         own = {f.name: [d for p, d in f.folders.items() if p != "unet" and (path / d).is_dir()]
                for f in FAMILIES.values()}
         found = [name for name, dirs in own.items() if dirs]
+    if len(found) > 1:  # SDXL: the only one with text_encoder_2/
+        found = [n for n in found if all((path / d).is_dir() for d in FAMILIES[n].folders.values())] or found
     if len(found) > 1:  # SD v1 and SD 2.x share a pipeline class and a layout: the UNet's projections differ
         unet_json = path / "unet" / "config.json"
         linear = bool(read_json(unet_json).get("use_linear_projection", False)) if unet_json.is_file() else False
@@ -142,7 +145,8 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
         base = next((preset(p) for p in fam.presets if preset(p).unet.sample_size == unet.sample_size),
                     preset(fam.preset))
         cfg = replace(base, unet=unet, vae=vae_config_from_diffusers(read_json(sub["vae"] / "config.json")),
-                      text=fam.text_config_from_json(read_json(sub["text"] / "config.json")))
+                      text=fam.text_config_from_json(*(read_json(sub[p] / "config.json") for p in sub
+                                                       if p.startswith("text"))))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: a config.json lacks a required field ({e})") from e
     sched = path / "scheduler" / "scheduler_config.json"
@@ -162,6 +166,10 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
     sds = {part: read_tensors(f) for part, f in files.items()}
     if fam.text_file_prefix:  # transformers >= 5.6 saves without the prefix
         sds["text"] = split_prefix(sds["text"], fam.text_file_prefix) or sds["text"]
+    if "text_2" in sds:  # SDXL: the towers under their folder names; bigG keeps its top-level text_projection
+        strip = lambda sd: {k.removeprefix(fam.text_file_prefix): v for k, v in sd.items()}  # noqa: E731
+        sds["text"] = {**{"text_encoder." + k: v for k, v in sds["text"].items()},
+                       **{"text_encoder_2." + k: v for k, v in strip(sds.pop("text_2")).items()}}
     sds["vae"] = vae_from_diffusers(sds["vae"])
     tok = path / "tokenizer"
     return cfg, sds, tok if tok.is_dir() else None
@@ -171,12 +179,15 @@ def read_folder(path: Path, variant: str | None, pickles: bool | None = None):
 
 def identify(sd: dict, path: Path | str) -> Family:
     """The family of a CompVis single file; a CheckpointError naming the model for anything else."""
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise CheckpointError(f"{path} is an SDXL checkpoint; this project runs Stable Diffusion v1.x and LDM text2img")
     conv_in = sd.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise CheckpointError(f"{path} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
                               "depth model); Prompt-to-Prompt needs a plain 4-channel text-to-image UNet")
+    if SDXL_TELL in sd and any(k.startswith("conditioner.embedders.0.transformer.") for k in sd):  # CLIP-L, then bigG
+        return FAMILIES["sdxl"]
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise CheckpointError(f"{path} is an SDXL checkpoint other than SDXL base (its text embedders are not CLIP-L "
+                              "and bigG: the refiner?); this project runs SD v1.x, 2.x, SDXL base and LDM text2img")
     if SD_V1_TELL not in sd:
         if any(k.startswith(("down_blocks.", "conv_in.")) for k in sd):
             raise CheckpointError(f"{path} is a single diffusers UNet file; pass the whole diffusers folder "
