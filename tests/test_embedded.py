@@ -7,6 +7,7 @@ the analytic judge reads it while the object keeps its place and extent (mask Io
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -114,3 +115,22 @@ def test_shipped_weights_that_do_not_match_are_reported():
     bad = {**entry, "files": [{**entry["files"][0], "sha256": "0" * 64}]}
     with pytest.raises(dl.DownloadError, match="sha256 mismatch.*git checkout -- p2p/embedded/model.safetensors"):
         dl.download("embedded", "unused", manifest={"embedded": bad})
+
+
+def test_training_script_runs_resumes_and_states_its_schedule(tmp_path):
+    """A few steps of each stage of `python -m p2p.world.train`: the export loads, its model.toml states the
+    v-prediction zero-SNR schedule it was trained on, and a second run resumes from the checkpoints."""
+    from p2p.world import train
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    args = lambda vae_steps: ["--out", str(run), "--images", "64", "--vae-steps", str(vae_steps),  # noqa: E731
+                              "--vae-batch", "4", "--steps", "2", "--batch", "4", "--threads", "1", "--export", str(out)]
+    train.main(args(2))
+    pipe = Pipeline.from_pretrained(out, device="cpu")
+    ddim = pipe.ddim.cfg
+    assert ddim.prediction_type == "v_prediction" and ddim.rescale_betas_zero_snr
+    assert ddim.timestep_spacing == "trailing" and pipe.ddim.alpha_bar[-1] == 0
+    assert pipe.generate("a big red square on a green background", steps=2, progress=False)[0].size == (64, 64)
+    train.main(args(4))  # --vae-steps 4: the VAE resumes at step 2, the diffusion is done
+    assert torch.load(run / "vae.pt", weights_only=True)["step"] == 4 and (run / "latents_vae4.pt").is_file()
+    assert json.loads((out / "train.json").read_text())["args"]["vae_steps"] == 4

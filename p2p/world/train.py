@@ -7,9 +7,13 @@ Three stages, each seeded and checkpointed (model, optimiser, step, RNG) so that
 continues where it stopped:
   1. tokenizer: a CLIP-format BPE (vocab.json + merges.txt) learned with `tokenizers` on the captions;
   2. vae: the KL autoencoder (our AutoencoderKL), reconstruction + a small KL term (Rombach et al. 2022);
-  3. diffusion: the UNet and the CLIP-style text encoder, from scratch and jointly, with the epsilon
-     objective ||eps - eps_theta(z_t, t, psi(P))||^2 of DDPM on SD v1's noise schedule, the caption
-     dropped 10% of the time so that classifier-free guidance works (Ho & Salimans 2022).
+  3. diffusion: the UNet and the CLIP-style text encoder, from scratch and jointly, with the objective
+     ||y - y_theta(z_t, t, psi(P))||^2 of DDPM, the caption dropped 10% of the time so that classifier-free
+     guidance works (Ho & Salimans 2022). By default y is v (Salimans & Ho 2022) on SD v1's betas rescaled to
+     zero terminal SNR, sampled with trailing DDIM timesteps (Lin et al. 2024): SD v1's own schedule leaves
+     alpha_bar_T = 0.0047, and on a 16x16 latent that much signal at t = T fixes the flat colours before the
+     prompt can (the background followed the noise's leaked colour in 88% of samples after a short run).
+     `--schedule sd-v1` trains the epsilon model of SD v1 instead. The model folder's [ddim] states which.
 The networks are the SD code paths (models/) at a small size: preset "embedded" in models/presets.py.
 """
 from __future__ import annotations
@@ -42,6 +46,12 @@ from p2p.world import scenes
 # The embedded model's architecture is the preset "embedded" (models/presets.py, configs/models/embedded.toml);
 # a run sets the text encoder's vocabulary from the tokenizer it learns and the VAE scale from its latents.
 EMBEDDED = preset("embedded")
+SCHEDULES = {  # --schedule -> the DDIM settings the model is trained and sampled with
+    "zero-snr-v": dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                       steps_offset=0, set_alpha_to_one=True),
+    "sd-v1": dict(prediction_type="epsilon", rescale_betas_zero_snr=False, timestep_spacing="leading",
+                  steps_offset=1, set_alpha_to_one=False),
+}
 
 
 # --- stage 1: the caption tokenizer ----------------------------------------------------------------------
@@ -128,9 +138,11 @@ class Log:
 # --- stage 2: the autoencoder ------------------------------------------------------------------------------
 
 def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, batch: int, lr: float, seed: int,
-              kl_weight: float = 1e-6) -> AutoencoderKL:
+              kl_weight: float = 1e-6, bf16: bool = False) -> AutoencoderKL:
+    """bf16: autocast the networks (the loss stays float32); with channels_last, 1.7x the steps per second of
+    float32 on a CPU with AVX512-BF16 (measured at 1 thread)."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(cfg.vae)
+    vae = AutoencoderKL(cfg.vae).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     ckpt, log = run / "vae.pt", Log(run / "vae_log.jsonl")
     step = load_state(ckpt, {"vae": vae}, opt)[0] if ckpt.is_file() else 0
@@ -140,10 +152,13 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
         for group in opt.param_groups:  # cosine decay to 5% (the annealed end sharpens the reconstructions)
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         x = as_float(images[torch.randint(len(images), (batch,), generator=g)])
-        mean, logvar = vae.posterior(x)
-        # Decode the posterior mean: with a KL weight this small a sampled z only adds noise that the decoder
-        # must learn to see through (it blurred the shapes after 1000 steps); the KL term keeps z's scale tame.
-        rec = vae.decoder(vae.post_quant_conv(mean))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            mean, logvar = vae.posterior(x)
+            # Decode the posterior mean: with a KL weight this small a sampled z only adds noise that the decoder
+            # must learn to see through (it blurred the shapes after 1000 steps); the KL term keeps z's scale tame.
+            rec = vae.decoder(vae.post_quant_conv(mean))
+        mean, logvar, rec = mean.float(), logvar.float(), rec.float()
         rec_loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         loss = rec_loss + kl_weight * kl
@@ -158,7 +173,7 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
         if step % 500 == 0 or step == steps:
             save_state(ckpt, step, {"vae": vae}, opt)
     bar.close()
-    return vae.eval()
+    return vae.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()
@@ -173,6 +188,7 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
                     steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, ema_decay: float = 0.999):
     torch.manual_seed(seed)
     unet, text = UNet(cfg.unet), CLIPTextModel(cfg.text)
+    unet = unet.to(memory_format=torch.channels_last)  # 1.14x the steps per second on CPU (1 thread)
     ema_unet, ema_text = UNet(cfg.unet).requires_grad_(False), CLIPTextModel(cfg.text).requires_grad_(False)
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text.state_dict())
@@ -181,7 +197,8 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
     modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
     ckpt, log = run / "diffusion.pt", Log(run / "diffusion_log.jsonl")
     step = load_state(ckpt, modules, opt)[0] if ckpt.is_file() else 0
-    alpha_bar = DDIM(cfg.ddim).alpha_bar
+    ddim = DDIM(cfg.ddim)
+    alpha_bar = ddim.alpha_bar
     g = torch.Generator().manual_seed(seed + step)
     warmup = 500
     bar = tqdm(total=steps, initial=step, desc="diffusion")
@@ -194,7 +211,8 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
         eps = torch.randn(z0.shape, generator=g)
         a = alpha_bar[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # q(z_t | z_0)
-        loss = F.mse_loss(unet(z_t, t, text(tokens)), eps)
+        z_t = z_t.contiguous(memory_format=torch.channels_last)
+        loss = F.mse_loss(unet(z_t, t, text(tokens)), ddim.target(z0, eps, t))  # eps or v, as cfg.ddim says
         for group in opt.param_groups:  # linear warm-up, then cosine decay to 10%
             frac = step / max(steps, 1)
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -214,7 +232,7 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
         if step % 500 == 0 or step == steps:
             save_state(ckpt, step, modules, opt)
     bar.close()
-    return ema_unet.eval(), ema_text.eval()
+    return ema_unet.to(memory_format=torch.contiguous_format).eval(), ema_text.eval()
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -247,7 +265,12 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=60_000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast in the VAE stage (fast on CPUs with AVX512-BF16 or AMX)")
+    p.add_argument("--schedule", choices=tuple(SCHEDULES), default="zero-snr-v",
+                   help="zero-snr-v: SD v1's betas rescaled to zero terminal SNR, v-prediction, trailing DDIM "
+                        "(Lin et al. 2024); sd-v1: SD v1's schedule and the epsilon objective")
     p.add_argument("--steps", type=int, default=20_000, help="diffusion training steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -260,10 +283,11 @@ def main(argv=None):
     run.mkdir(parents=True, exist_ok=True)
     t0, commit = time.time(), git_commit()  # the code that trains, not whatever is checked out at the end
     tok = build_tokenizer(run / "tokenizer")
-    cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size))
+    cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size),
+                  ddim=replace(EMBEDDED.ddim, **SCHEDULES[args.schedule]))
     images, captions = dataset(args.images, args.seed, run / "data.pt")
-    vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed)
-    latents_path = run / "latents.pt"
+    vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, bf16=args.vae_bf16)
+    latents_path = run / f"latents_vae{args.vae_steps}.pt"  # a VAE trained further encodes afresh
     if latents_path.is_file():
         latents = torch.load(latents_path, weights_only=True)
     else:
