@@ -10,6 +10,9 @@ models/ does not import p2p/; p2p/ imports these from here.
 """
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 
 class UserError(ValueError):
     """A problem the user can fix; the message says what is wrong and what to do."""
@@ -24,3 +27,15 @@ class UnknownNameError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the repr of the message
         return str(self.args[0]) if self.args else ""
+
+
+def read_toml(path: str | Path, what: str) -> dict:
+    """A user's TOML file as a dict; a missing or malformed file is a UserError naming it (`what`: "edit
+    settings file", "experiment file", ...)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise MissingFileError(f"no {what} at {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None

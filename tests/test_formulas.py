@@ -142,6 +142,9 @@ class LossPipe:
     def unet(self, z, t, emb):
         return torch.zeros_like(z) + 0.0 * emb.float().sum()
 
+    def eps(self, z, t, emb, controller=None):
+        return self.unet(z, t, emb)
+
 
 def run_null_text(losses, inner_steps=3):
     N = len(losses)

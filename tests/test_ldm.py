@@ -484,14 +484,14 @@ def test_ldm_folder_is_detected_without_model_index(converted, tmp_path):
 
 @pytest.mark.parametrize("layout,message", [
     ({"unet": {}, "random": {}}, r"cannot tell which model .* holds: expected a Stable Diffusion v1 or Stable "
-                                 r"Diffusion 2.x folder \(unet/, "
-                                 r"vae/, text_encoder/, tokenizer/\) or a LDM text2img folder \(unet/, vqvae/, bert/, "
-                                 r"tokenizer/\); it holds random/, unet/"),
+                                 r"Diffusion 2.x folder \(unet/, vae/, text_encoder/, tokenizer/\) or a Stable Diffusion "
+                                 r"XL folder \(unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/\) or a LDM "
+                                 r"text2img folder \(unet/, vqvae/, bert/, tokenizer/\); it holds random/, unet/"),
     ({"unet": {}, "vae": {}, "bert": {}}, r"cannot tell which model"),  # parts of both
     ({"model_index.json": {"_class_name": "StableDiffusionXLPipeline"}},
-     r"holds a diffusers StableDiffusionXLPipeline; this project runs StableDiffusionPipeline \(Stable Diffusion v1, "
-     r"Stable Diffusion 2.x\) "
-     r"and LDMTextToImagePipeline \(LDM text2img\) folders"),
+     r"is not a diffusers Stable Diffusion XL folder: missing unet/, vae/, text_encoder/, text_encoder_2/"),
+    ({"model_index.json": {"_class_name": "KandinskyPipeline"}},
+     r"holds a diffusers KandinskyPipeline; this project runs"),
     ({"model_index.json": {"_class_name": "LDMTextToImagePipeline"}, "unet": {}, "vqvae": {}},
      r"is not a diffusers LDM text2img folder: missing bert/"),
 ])

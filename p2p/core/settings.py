@@ -11,13 +11,12 @@ settings reproduce; the resolution-dependent ones follow the model (p2p/core/sit
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from models.errors import MissingFileError, UserError
+from models.errors import UserError, read_toml
 from models.presets import PRESETS, ModelConfig
 
 from .align import refine_mappers, replace_mappers, word_occurrences
@@ -110,13 +109,7 @@ class EditSettings:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> EditSettings:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise MissingFileError(f"no edit settings file at {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid TOML: {e}") from None
+        data = read_toml(path, "edit settings file")
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as e:

@@ -34,11 +34,10 @@ import itertools
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from models.errors import MissingFileError, UserError
+from models.errors import UserError, read_toml
 
 from p2p.core.controller import as_window
 from p2p.core.settings import MODES, SITE_FIELDS, EditSettings
@@ -165,13 +164,7 @@ def check_point(d: dict, where: str) -> None:
 
 def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -> Experiment:
     """Parse and check an experiment file (no model is loaded); a UserError names any problem."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise MissingFileError(f"no experiment file at {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid TOML: {e}") from None
+    data = read_toml(path, "experiment file")
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         close = difflib.get_close_matches(unknown[0], TOP_KEYS + tuple(FIELDS), n=1)
