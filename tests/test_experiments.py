@@ -193,7 +193,10 @@ def finished(out: Path) -> list[str]:
 def stop_after(cmd: list[str], cwd: Path, out: Path, n: int, sig: int) -> subprocess.CompletedProcess:
     """Start `cmd`, send `sig` once `n` more job folders than now exist, and wait for it to end."""
     start = len(finished(out))
-    proc = subprocess.Popen(cmd, env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default, so that Python turns it into KeyboardInterrupt even when this test runs where it is
+    # ignored (a background job of a non-interactive shell, as CI scripts often are)
+    proc = subprocess.Popen(cmd, env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None and len(finished(out)) < start + n:
         time.sleep(0.02)
