@@ -142,7 +142,7 @@ class LossPipe:
     def unet(self, z, t, emb):
         return torch.zeros_like(z) + 0.0 * emb.float().sum()
 
-    def eps(self, z, t, emb, controller=None):
+    def predict(self, z, t, emb, controller=None):
         return self.unet(z, t, emb)
 
 

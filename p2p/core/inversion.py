@@ -206,13 +206,13 @@ def ddim_inversion(pipe, z_0: torch.Tensor, cond: torch.Tensor, steps: int, prog
     z = z_0.to(pipe.device, pipe.dtype)
     trajectory = [z]
     for t in tqdm(pipe.ddim.timesteps(steps)[::-1], disable=not progress, desc="DDIM inversion", leave=False):
-        z = pipe.ddim.invert_step(pipe.eps(z, t, cond), t, z, steps)
+        z = pipe.ddim.invert_step(pipe.predict(z, t, cond), t, z, steps)
         trajectory.append(z)
     return trajectory
 
 
 def guided_eps(pipe, z, t, cond, uncond, guidance):
-    eps_u, eps_c = pipe.eps(torch.cat([z, z]), t, torch.cat([uncond.to(z.dtype), cond])).chunk(2)
+    eps_u, eps_c = pipe.predict(torch.cat([z, z]), t, torch.cat([uncond.to(z.dtype), cond])).chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
 
@@ -229,11 +229,11 @@ def null_text_optimisation(pipe, trajectory, cond, uncond, steps, guidance, *, i
         s = i * 50 / steps  # the step index on the authors' 50-step schedule
         opt = torch.optim.Adam([phi], lr=lr * (1.0 - s / 100.0))
         with torch.no_grad():
-            eps_c = pipe.eps(z, t, cond)
+            eps_c = pipe.predict(z, t, cond)
         loss_item, j = float("nan"), 0
         for j in range(inner_steps):
             with torch.enable_grad():
-                eps_u = pipe.eps(z, t, phi.to(pipe.dtype))
+                eps_u = pipe.predict(z, t, phi.to(pipe.dtype))
                 z_prev = ddim.step(eps_u + guidance * (eps_c - eps_u), t, z, steps)
                 loss = F.mse_loss(z_prev.float(), target)
                 opt.zero_grad()
@@ -247,7 +247,7 @@ def null_text_optimisation(pipe, trajectory, cond, uncond, steps, guidance, *, i
         losses.append(loss_item)
         iterations.append(j + 1 if inner_steps else 0)
         with torch.no_grad():  # eps_c of this step is already known: only the optimised branch runs again
-            eps_u = pipe.eps(z, t, phis[-1][None].to(pipe.dtype))
+            eps_u = pipe.predict(z, t, phis[-1][None].to(pipe.dtype))
             z = ddim.step(eps_u + guidance * (eps_c - eps_u), t, z, steps)
     bar.close()
     return torch.stack(phis).cpu(), {"losses": losses, "iterations": iterations}

@@ -152,9 +152,10 @@ class Pipeline:
     def micro_conditioned(self) -> bool:
         return bool(self.cfg.unet.addition_time_embed_dim)
 
-    def eps(self, z_t: torch.Tensor, t, context: torch.Tensor, controller: Controller | None = None) -> torch.Tensor:
-        """eps_theta(z_t, t, psi). SDXL: psi's vector row is the pooled embedding, and the size conditioning is
-        the image's own size (original = target = the latent's size x 8, crop (0, 0): diffusers' default)."""
+    def predict(self, z_t: torch.Tensor, t, context: torch.Tensor, controller: Controller | None = None) -> torch.Tensor:
+        """The network's prediction at (z_t, t, psi): eps_theta, or v for a v-prediction model (DDIM reads either).
+        SDXL: psi's vector row is the pooled embedding, and the size conditioning is the image's own size
+        (original = target = the latent's size x 8, crop (0, 0): diffusers' default)."""
         if not self.micro_conditioned:
             return self.unet(z_t, t, context, controller)
         states, pooled = split_conditioning(context, self.cfg.text.pooled_dim)
@@ -202,16 +203,16 @@ class Pipeline:
             u = u.to(self.device, self.dtype).expand(B, *u.shape[1:])
             if guidance <= 1:
                 ctl.begin_step(i, t, GuidanceLayout(B, None, slice(0, B)))
-                eps = self.eps(z, t, cond, ctl)
+                eps = self.predict(z, t, cond, ctl)
             else:
                 if low_memory:
                     ctl.begin_step(i, t, GuidanceLayout(B, slice(0, B), None))
-                    eps_u = self.eps(z, t, u, ctl)
+                    eps_u = self.predict(z, t, u, ctl)
                     ctl.begin_step(i, t, GuidanceLayout(B, None, slice(0, B)))
-                    eps_c = self.eps(z, t, cond, ctl)
+                    eps_c = self.predict(z, t, cond, ctl)
                 else:
                     ctl.begin_step(i, t, GuidanceLayout.batched(B))
-                    eps_u, eps_c = self.eps(torch.cat([z, z]), t, torch.cat([u, cond]), ctl).chunk(2)
+                    eps_u, eps_c = self.predict(torch.cat([z, z]), t, torch.cat([u, cond]), ctl).chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             noise = None
             if eta > 0:  # one draw per row of z_T: prompts that share z_T share the noise (as diffusers for B=1)
