@@ -9,6 +9,17 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """The fast suite runs at one thread per process (unless OMP_NUM_THREADS says otherwise): its models are
+    tiny, and several tests start subprocesses (the CLI, torchrun with two ranks) that would otherwise each
+    take every core and oversubscribe the machine. The slow full-size checks (-m slow) keep torch's default."""
+    if "not slow" in (config.option.markexpr or "") and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by subprocesses
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def openai_bpe_path():
     """OpenAI's CLIP BPE file shipped inside the open_clip package (found without importing it), or None."""
     spec = importlib.util.find_spec("open_clip")
