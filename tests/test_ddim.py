@@ -27,30 +27,17 @@ def test_timesteps_match_diffusers(spacing, alpha_to_one, steps):
     assert ours.timesteps(steps) == ref.timesteps.tolist()
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-@pytest.mark.parametrize("clip", [False, True])
-def test_updates_match_diffusers(eta, clip):
-    ref = DDIMScheduler(**{**SD, "clip_sample": clip})
-    ours = DDIM(DDIMConfig(clip_sample=clip))
-    steps = 10
-    ref.set_timesteps(steps)
-    g = torch.Generator().manual_seed(0)
-    z = z_ref = torch.randn(2, 4, 8, 8, generator=g)
-    for t in ours.timesteps(steps):
-        eps = torch.randn(z.shape, generator=g)
-        z_ref = ref.step(eps, t, z_ref, eta=eta, generator=torch.Generator().manual_seed(t)).prev_sample
-        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
-        z = ours.step(eps, t, z, steps, eta=eta, noise=noise)
-    assert (z - z_ref).abs().max() <= 1e-5
-
-
 ZERO_SNR_V = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
                  steps_offset=0, set_alpha_to_one=True)
+SETTINGS = {"eps": {}, "eps-clip": dict(clip_sample=True), "v": dict(prediction_type="v_prediction"),
+            "zero-snr-v": ZERO_SNR_V}
 
 
-@pytest.mark.parametrize("settings", [dict(prediction_type="v_prediction"), ZERO_SNR_V], ids=["v", "zero-snr-v"])
+@pytest.mark.parametrize("name", list(SETTINGS))
 @pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_v_prediction_and_zero_terminal_snr_match_diffusers(settings, eta):
+def test_sampling_matches_diffusers(name, eta):
+    """Ten updates from the same network outputs (eps or v, as the config says) and the same noise."""
+    settings = SETTINGS[name]
     ref = DDIMScheduler(**{**SD, **settings})
     ours = DDIM(DDIMConfig(**settings))
     assert torch.equal(ours.alpha_bar, ref.alphas_cumprod)
@@ -62,10 +49,10 @@ def test_v_prediction_and_zero_terminal_snr_match_diffusers(settings, eta):
     g = torch.Generator().manual_seed(0)
     z = z_ref = torch.randn(2, 4, 8, 8, generator=g)
     for t in ours.timesteps(steps):
-        v = torch.randn(z.shape, generator=g)
-        z_ref = ref.step(v, t, z_ref, eta=eta, generator=torch.Generator().manual_seed(t)).prev_sample
+        y = torch.randn(z.shape, generator=g)
+        z_ref = ref.step(y, t, z_ref, eta=eta, generator=torch.Generator().manual_seed(t)).prev_sample
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
-        z = ours.step(v, t, z, steps, eta=eta, noise=noise)
+        z = ours.step(y, t, z, steps, eta=eta, noise=noise)
     assert (z - z_ref).abs().max() <= 1e-5
 
 
