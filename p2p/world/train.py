@@ -88,18 +88,35 @@ def build_tokenizer(out_dir: Path) -> CLIPTokenizer:
 # --- data ----------------------------------------------------------------------------------------------
 
 def dataset(n: int, seed: int, cache: Path):
-    """n (image tensor, caption) pairs from the scene generator, cached on disk as uint8."""
+    """n (image tensor, caption, discs) triples from the scene generator, cached on disk (images as uint8).
+    discs (n, 2, 3): each thing's bounding circle (cx, cy, radius) in pixels, zeros where a scene has one thing."""
     if cache.is_file():
         d = torch.load(cache, weights_only=True)
-        return d["images"], d["captions"]
-    images, captions = [], []
+        if "discs" in d:  # caches written before the discs were kept are rendered again
+            return d["images"], d["captions"], d["discs"]
+    images, captions, discs = [], [], torch.zeros(n, 2, 3)
     for start in tqdm(range(0, n, 1000), desc="rendering scenes", leave=False):
         batch = scenes.sample(min(1000, n - start), seed + start)
         images.append(torch.from_numpy(np.stack([np.asarray(i) for i, _, _ in batch])))
         captions += [c for _, c, _ in batch]
+        for k, (image, _, scene) in enumerate(batch):
+            for j, t in enumerate(scene.things):
+                discs[start + k, j] = torch.tensor([t.cx, t.cy, scenes.EXTENT * t.r]) * image.size[0]
     images = torch.cat(images).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
-    torch.save({"images": images, "captions": captions}, cache)
-    return images, captions
+    torch.save({"images": images, "captions": captions, "discs": discs}, cache)
+    return images, captions, discs
+
+
+def object_weights(discs: torch.Tensor, size: int, weight: float, margin: float = 2.0) -> torch.Tensor:
+    """(B, 1, size, size) per-pixel loss weights: `weight` inside each thing's bounding circle grown by `margin`
+    pixels, 1 elsewhere. The things cover about 10% of a scene, so an unweighted loss spends the autoencoder's
+    capacity on the background's texture and lets a small object's colour and pattern go (measured: after 2,000
+    steps the round trip kept the colour of 20% of the things, and the background of all of them)."""
+    yx = torch.arange(size, dtype=torch.float32) + 0.5
+    dy = yx.view(1, 1, -1, 1) - discs[..., 1].view(*discs.shape[:2], 1, 1)
+    dx = yx.view(1, 1, 1, -1) - discs[..., 0].view(*discs.shape[:2], 1, 1)
+    inside = (dx ** 2 + dy ** 2 < (discs[..., 2].view(*discs.shape[:2], 1, 1) + margin) ** 2) & (discs[..., 2] > 0)[..., None, None]
+    return 1 + (weight - 1) * inside.any(dim=1, keepdim=True).float()
 
 
 def as_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -138,9 +155,11 @@ class Log:
 # --- stage 2: the autoencoder ------------------------------------------------------------------------------
 
 def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, batch: int, lr: float, seed: int,
-              kl_weight: float = 1e-6, bf16: bool = False) -> AutoencoderKL:
+              kl_weight: float = 1e-6, bf16: bool = False, discs: torch.Tensor | None = None,
+              object_weight: float = 1.0) -> AutoencoderKL:
     """bf16: autocast the networks (the loss stays float32); with channels_last, 1.7x the steps per second of
-    float32 on a CPU with AVX512-BF16 (measured at 1 thread)."""
+    float32 on a CPU with AVX512-BF16 (measured at 1 thread). object_weight: the reconstruction loss of the pixels
+    on and around the things (`discs`) counts this many times a background pixel's (see `object_weights`)."""
     torch.manual_seed(seed)
     vae = AutoencoderKL(cfg.vae).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -151,15 +170,17 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
     while step < steps:
         for group in opt.param_groups:  # cosine decay to 5% (the annealed end sharpens the reconstructions)
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        x = as_float(images[torch.randint(len(images), (batch,), generator=g)])
-        x = x.contiguous(memory_format=torch.channels_last)
+        idx = torch.randint(len(images), (batch,), generator=g)
+        x = as_float(images[idx]).contiguous(memory_format=torch.channels_last)
+        w = object_weights(discs[idx], x.shape[-1], object_weight) if object_weight != 1 else torch.ones(1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             mean, logvar = vae.posterior(x)
             # Decode the posterior mean: with a KL weight this small a sampled z only adds noise that the decoder
             # must learn to see through (it blurred the shapes after 1000 steps); the KL term keeps z's scale tame.
             rec = vae.decoder(vae.post_quant_conv(mean))
         mean, logvar, rec = mean.float(), logvar.float(), rec.float()
-        rec_loss = (rec - x).abs().mean() + F.mse_loss(rec, x)
+        err = rec - x
+        rec_loss = ((err.abs() + err ** 2) * w).mean() / w.mean()
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -268,6 +289,8 @@ def main(argv=None):
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast in the VAE stage (fast on CPUs with AVX512-BF16 or AMX)")
+    p.add_argument("--vae-object-weight", type=float, default=1.0,
+                   help="weight of the pixels on and around the things in the VAE's reconstruction loss (1: unweighted)")
     p.add_argument("--schedule", choices=tuple(SCHEDULES), default="zero-snr-v",
                    help="zero-snr-v: SD v1's betas rescaled to zero terminal SNR, v-prediction, trailing DDIM "
                         "(Lin et al. 2024); sd-v1: SD v1's schedule and the epsilon objective")
@@ -285,8 +308,9 @@ def main(argv=None):
     tok = build_tokenizer(run / "tokenizer")
     cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size),
                   ddim=replace(EMBEDDED.ddim, **SCHEDULES[args.schedule]))
-    images, captions = dataset(args.images, args.seed, run / "data.pt")
-    vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, bf16=args.vae_bf16)
+    images, captions, discs = dataset(args.images, args.seed, run / "data.pt")
+    vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, bf16=args.vae_bf16,
+                    discs=discs, object_weight=args.vae_object_weight)
     latents_path = run / f"latents_vae{args.vae_steps}.pt"  # a VAE trained further encodes afresh
     if latents_path.is_file():
         latents = torch.load(latents_path, weights_only=True)
