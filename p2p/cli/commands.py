@@ -313,8 +313,8 @@ def cmd_run(args) -> int:
     try:
         pipe = Pipeline.from_pretrained(exp.model, tokenizer=exp.tokenizer, device=ranks.device(args.device),
                                         dtype=args.dtype)
-        stats = run_experiment(exp, pipe, args.out_dir, batch_size=args.batch_size, ranks=ranks,
-                               progress=not args.quiet)
+        stats = run_experiment(exp, pipe, args.out_dir, batch_size=args.batch_size, max_memory=args.max_memory,
+                               ranks=ranks, progress=not args.quiet)
     finally:
         ranks.close()
     if ranks.main:

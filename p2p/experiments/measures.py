@@ -60,11 +60,15 @@ def register(measure: Measure) -> Measure:
     return measure
 
 
+def store_sites(names, pipe):
+    """The sites whose maps the measures `names` need (cross-attention at the model's blend sites), or None."""
+    return p2p_defaults(pipe.cfg).blend_sites if any(MEASURES[n].needs_maps for n in names) else None
+
+
 def store_for(names, pipe) -> AttentionStore | None:
-    """The attention store the measures `names` need (cross-attention at the model's blend sites), or None."""
-    if any(MEASURES[n].needs_maps for n in names):
-        return AttentionStore(p2p_defaults(pipe.cfg).blend_sites)
-    return None
+    """The attention store the measures `names` need, or None."""
+    sites = store_sites(names, pipe)
+    return None if sites is None else AttentionStore(sites)
 
 
 def measure(names, outcome, pipe) -> dict:

@@ -32,9 +32,9 @@ from p2p.core.run import save_edit
 from p2p.core.settings import build_controller
 from p2p.files.output import staged_folder
 
-from .batch import run_unit
+from .batch import row_bytes, run_unit
 from .dist import Ranks
-from .measures import measure, store_for
+from .measures import measure, store_for, store_sites
 from .spec import Experiment, Job, expand, pack
 
 
@@ -125,9 +125,10 @@ def write_tables(out_dir: Path, experiment: Experiment, jobs: list[Job]) -> list
 
 
 def run_experiment(experiment: Experiment, pipe, out_dir: str | Path, *, batch_size: int = 8,
-                   ranks: Ranks | None = None, progress: bool = True) -> RunStats:
+                   max_memory: int | None = None, ranks: Ranks | None = None, progress: bool = True) -> RunStats:
     """Run the jobs of `experiment` not yet done in `out_dir` (on this rank's share, under torchrun), then
-    (rank 0) write the tables. Packs of jobs of one sampling setup share the UNet calls (`batch_size` rows)."""
+    (rank 0) write the tables. Packs of jobs of one sampling setup share the UNet calls: at most `batch_size`
+    rows, and with `max_memory` (bytes) at most as many as fit by `batch.row_bytes`'s estimate."""
     ranks = ranks or Ranks()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -140,7 +141,8 @@ def run_experiment(experiment: Experiment, pipe, out_dir: str | Path, *, batch_s
         remove_stale(jobs_dir)
     pending_ids = ranks.share([j.id for j in jobs if not (jobs_dir / j.id).is_dir()] if ranks.main else None)
     pending = [j for j in jobs if j.id in set(pending_ids)]
-    units = pack(pending, batch_size)
+    maps = store_sites(experiment.measures, pipe)
+    units = pack(pending, batch_size, max_memory, lambda s: row_bytes(pipe, s, maps))
     model = {"path": experiment.model, "fingerprint": fingerprint, "family": pipe.cfg.family,
              "dtype": str(pipe.dtype).removeprefix("torch.")}
     ran = 0

@@ -36,6 +36,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 from models.errors import UserError, read_toml
 
@@ -243,24 +244,30 @@ def expand(experiment: Experiment, model_cfg, fingerprint: str) -> list[Job]:
     return jobs
 
 
-def pack(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+def pack(jobs: list[Job], batch_size: int, max_memory: int | None = None,
+         row_bytes: Callable[[EditSettings], int] | None = None) -> list[list[Job]]:
     """Jobs in batches of at most `batch_size` prompts (rows), each batch of one sampling setup (steps,
     guidance, size, eta 0, low_memory): consecutive jobs of the same setup go together, in order, so the
-    packing depends only on the job list. A job with eta > 0 draws its own noise and runs alone."""
+    packing depends only on the job list. A job with eta > 0 draws its own noise and runs alone. With
+    `max_memory` (bytes), a batch also keeps its rows x the largest `row_bytes(settings)` of its jobs (an
+    estimate per prompt, batch.row_bytes) within it: the smaller of the two limits holds. A job whose own rows
+    exceed a limit runs alone."""
     def setup(s: EditSettings):
         return (s.steps, s.guidance, s.height, s.width, s.low_memory) if s.eta == 0 else None
 
-    units, current, rows = [], [], 0
+    units, current, rows, peak = [], [], 0, 0
     for job in jobs:
         s = job.settings
         add = len(s.prompts) - any(same_source(s, j.settings) for j in current)  # a shared source row counts once
-        if current and setup(s) is not None and setup(s) == setup(current[0].settings) and rows + add <= batch_size:
+        each = row_bytes(s) if max_memory is not None else 0
+        fits = rows + add <= batch_size and (max_memory is None or (rows + add) * max(peak, each) <= max_memory)
+        if current and setup(s) is not None and setup(s) == setup(current[0].settings) and fits:
             current.append(job)
-            rows += add
+            rows, peak = rows + add, max(peak, each)
         else:
             if current:
                 units.append(current)
-            current, rows = [job], len(s.prompts)
+            current, rows, peak = [job], len(s.prompts), each
     if current:
         units.append(current)
     return units
