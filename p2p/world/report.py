@@ -86,7 +86,8 @@ def check_targets(summary: list[dict]) -> list[dict]:
     for t in TARGETS:
         s, ref = _find(summary, t.key), _find(summary, t.ref) if t.ref else None
         value = s.get(t.measure) if s else None
-        bound = t.bound + ref[t.measure] if ref else t.bound if not t.ref else None
+        base = ref.get(t.measure) if ref else None  # a reference row may lack the measure (no object found)
+        bound = t.bound if not t.ref else t.bound + base if base is not None else None
         met = None
         if value is not None and bound is not None and not (math.isnan(value) or math.isnan(bound)):
             met = value >= bound if t.op == ">=" else value <= bound
