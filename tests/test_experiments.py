@@ -82,6 +82,9 @@ BAD = {
                                      f"targets = ['{SRC}']\n", "measure 'judge' reads images of the embedded"),
     "targets not a list": (f"[settings]\nprompt = '{SRC}'\ntargets = '{SRC}'\n", "targets must be a list"),
     "not TOML": ("[settings\nprompt = 1\n", "is not valid TOML"),
+    "unknown kind": (f"[settings]\nprompt = '{SRC}'\nkind = 'generation'\n", "unknown kind 'generation'; a job is one"),
+    "round trip without a scene": ("[settings]\nkind = 'vae'\nprompt = 'a'\n", "a kind = 'vae' job needs scene"),
+    "bad scene": ("[settings]\nkind = 'vae'\nscene = { background = 'green' }\n", "a scene is a table"),
 }
 
 
@@ -99,7 +102,7 @@ def test_bad_files_fail_before_the_model_loads(case, tmp_path, monkeypatch, caps
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name,jobs", [("cross-self-grid", 120), ("layer-step-ablation", 80), ("scene-swaps", 58),
+@pytest.mark.parametrize("name,jobs", [("cross-self-grid", 120), ("layer-step-ablation", 80), ("scene-swaps", 58), ("scene-eval", 24),
                                        ("README", 36)])
 def test_example_files_read(name, jobs, tmp_path):
     from p2p.experiments.measures import MEASURES

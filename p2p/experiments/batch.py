@@ -8,7 +8,8 @@ its own seed's z_T and its own unconditional embedding, and `Packed` runs each j
 rows only, as if its rows were the whole batch. The source row is never edited (the edit functions
 return it unchanged and local blend keeps it), so sharing it changes nothing for the jobs.
 
-A job alone in its batch runs through `run_edit` itself, exactly as `p2p edit`.
+A job alone in its batch runs through `run_edit` itself, exactly as `p2p edit`; a job that is not an edit
+always runs alone (`run_alone`): a generation through `Pipeline.generate`, a round trip through the VAE.
 
 How many prompts go in one batch: at most `--batch-size`, and with `--max-memory` at most as many as the
 budget holds by `row_bytes`, an estimate of the activation memory of one prompt worked out from the model's
@@ -151,12 +152,30 @@ def layout(settings: list[EditSettings]) -> tuple[list[str], list[EditSettings],
     return prompts, owners, groups
 
 
+def run_alone(pipe, job: Job, store: Controller | None, progress: bool = False) -> Outcome:
+    """One job in a batch of its own: an edit (`run_edit`), a generation of its prompts from one seed's z_T (the
+    store, if any, is its only controller), or the VAE round trip of its scene ([rendering, D(E(rendering))]).
+    A generation or a round trip has no controller and no z_0 in its result."""
+    s = job.settings
+    if job.kind == "edit":
+        return Outcome(job, run_edit(pipe, s, controller=store, progress=progress), store)
+    if job.kind == "generate":
+        images = pipe.generate(s.prompts, seed=s.seed, steps=s.steps, guidance=s.guidance, height=s.height,
+                               width=s.width, eta=s.eta, negative_prompt=s.negative_prompt, controller=store,
+                               low_memory=s.low_memory, progress=progress)
+        return Outcome(job, EditResult(s, images, None, None), store)
+    from p2p.files.images import encode_image
+    from p2p.world import evaluate, scenes
+
+    image, _ = scenes.render(evaluate.scene_from_table(job.scene))
+    return Outcome(job, EditResult(s, [image, *pipe.decode(encode_image(pipe, image))], None, None), None)
+
+
 def run_unit(pipe, jobs: list[Job], stores: list[Controller | None], progress: bool = False) -> list[Outcome]:
     """Run jobs of one sampling setup (same steps, guidance, size, eta 0) in one batch; `stores[i]` (or None)
     is composed after job i's edit and sees its edited maps."""
     if len(jobs) == 1:
-        r = run_edit(pipe, jobs[0].settings, controller=stores[0], progress=progress)
-        return [Outcome(jobs[0], r, stores[0])]
+        return [run_alone(pipe, jobs[0], stores[0], progress)]
     settings = [j.settings for j in jobs]
     s0 = settings[0]
     prompts, owners, groups = layout(settings)

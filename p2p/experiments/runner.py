@@ -30,7 +30,7 @@ from models.errors import UserError
 
 from p2p.core.run import save_edit
 from p2p.core.settings import build_controller
-from p2p.files.output import staged_folder
+from p2p.files.output import grid, save_image, staged_folder
 
 from .batch import row_bytes, run_unit
 from .dist import Ranks
@@ -68,8 +68,10 @@ def check_jobs(pipe, jobs: list[Job]) -> None:
             continue
         seen.add(key)
         try:
-            build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)  # every check of the words and values
-            pipe.latent_shape(s.height, s.width)
+            if job.kind == "edit":
+                build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)  # every check of the words and values
+            if job.kind != "vae":
+                pipe.latent_shape(s.height, s.width)
         except UserError as e:
             where = ", ".join(f"{k}={v}" for k, v in job.axes.items())
             raise UserError(f"job {job.index}{f' ({where})' if where else ''}: {e}") from None
@@ -84,6 +86,19 @@ def clean(value):
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
+
+
+def save_images(o, folder: Path, extra: dict) -> None:
+    """0.png, 1.png, ... and grid.png of a job, each with its settings (`save_edit` for an edit)."""
+    if o.job.kind == "edit":
+        save_edit(o.result, folder, extra)
+        return
+    s = o.result.settings
+    meta = {"command": o.job.kind, **s.to_dict(), **({"scene": o.job.scene} if o.job.scene else {}), **extra}
+    for i, img in enumerate(o.result.images):
+        save_image(img, folder / f"{i}.png", {**meta, "index": i})
+    captions = s.prompts if o.job.kind == "generate" else [f"{s.prompt} (rendered)", "VAE round trip"]
+    save_image(grid(o.result.images, captions), folder / "grid.png", meta)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -164,7 +179,7 @@ def run_experiment(experiment: Experiment, pipe, out_dir: str | Path, *, batch_s
                        "timing": {"sampling_s": sampled / len(unit), "measure_s": time.perf_counter() - m0,
                                   "packed_with": len(unit), "rank": ranks.rank, "device": str(pipe.device)}}
                 with staged_folder(jobs_dir / o.job.id) as tmp:  # the images and the row appear together
-                    save_edit(o.result, tmp, {"model": experiment.model, "job": o.job.id})
+                    save_images(o, tmp, {"model": experiment.model, "job": o.job.id})
                     (tmp / "row.json").write_text(json.dumps(clean(row), sort_keys=True, indent=1) + "\n")
                 ran += 1
                 bar.update(1)
