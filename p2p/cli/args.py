@@ -386,7 +386,8 @@ def build_parser() -> Parser:
     p = command("eval", "measure Prompt-to-Prompt on a scene model: text alignment, word swaps against the "
                 "baseline, refinement, the fader, local blend, the VAE (p2p/world/evaluate.py)")
     add_model_args(p)
-    p.add_argument("--n", type=checked("n"), default=48, help="cases per row, at least 1 (default 48)")
+    p.add_argument("--n", "--cases", type=checked("n"), default=48, help="cases per row, at least 1 (default 48); "
+                   "under torchrun write --cases (torchrun reads --n as short for its own --nnodes)")
     p.add_argument("--seed", type=checked("seed"), help="seed of the cases and of z_T (default 0)")
     p.add_argument("--parts", type=eval_parts, help="what to measure, separated by commas (default all: "
                    "plain,swaps,refine,fader,blend,vae)")
