@@ -24,7 +24,7 @@ Built in:
   `p2p eval` measures it. (On the embedded model the maps of colour and size words cover most of the 8x8
   grid, so `psnr_outside` often finds no pixel outside the region; this one does.)
 - `eval_plain`, `eval_swaps`, `eval_refine`, `eval_fader`, `eval_blend`, `eval_vae` (the embedded scene model
-  only): `p2p eval`'s measures (p2p/world/evaluate.py: score_*), each on the jobs it scores (`part_of`: a
+  only): `p2p eval`'s measures (p2p/world/evaluate.py: score_*), each on the jobs it scores (evaluate.part_of: a
   generation without targets, word swaps and their baseline, refinement, the fader, two-object swaps, round
   trips). `eval` is the list of its rows, as `p2p eval` makes them, with `images` the indices of the job's
   images each row read; `p2p eval` runs these as an experiment (p2p/cli/commands.py: cmd_eval).
