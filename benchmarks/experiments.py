@@ -4,6 +4,7 @@ process.
 
     python benchmarks/experiments.py                  # 24 jobs of 20 steps, no measures
     python benchmarks/experiments.py --jobs-per-seed 8 --seeds 6 --steps 50
+    python benchmarks/experiments.py --seeds 1 --jobs-per-seed 2 --steps 2   # a check that it runs (seconds)
 
 Each variant runs `p2p run` in fresh processes on a fresh output folder. "run" is the time `p2p run` reports
 (from the model loaded to the tables written, on rank 0: it includes waiting for the other ranks); "wall"
@@ -17,6 +18,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +66,7 @@ def main() -> None:
     p.add_argument("--jobs-per-seed", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch of the batched variant")
+    p.add_argument("--max-memory", help="also pass --max-memory (e.g. 4GB) to the batched variants")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="run only the variants with these "
                    "threads per process (2 processes x 1 thread always runs)")
     p.add_argument("--measures", default="", help='e.g. \'"psnr_outside", "attention"\' (default none)')
@@ -72,15 +75,14 @@ def main() -> None:
     exp = tmp / "exp.toml"
     n = experiment(exp, args.seeds, args.jobs_per_seed, args.steps, args.measures)
     base = ["-m", "p2p", "run", str(exp)]
+    batched = ["--batch-size", str(args.batch_size)] + (["--max-memory", args.max_memory] if args.max_memory else [])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     variants = {
         "1 process x 2 threads, unbatched": ([sys.executable, *base, "--batch-size", "1"], 2),
         "2 processes x 1 thread, unbatched": ([*torchrun, *base, "--batch-size", "1"], 1),
         "1 process x 1 thread, unbatched": ([sys.executable, *base, "--batch-size", "1"], 1),
-        f"1 process x 1 thread, batch {args.batch_size}": ([sys.executable, *base, "--batch-size",
-                                                             str(args.batch_size)], 1),
-        f"1 process x 2 threads, batch {args.batch_size}": ([sys.executable, *base, "--batch-size",
-                                                              str(args.batch_size)], 2),
+        f"1 process x 1 thread, batch {args.batch_size}": ([sys.executable, *base, *batched], 1),
+        f"1 process x 2 threads, batch {args.batch_size}": ([sys.executable, *base, *batched], 2),
     }
     print(f"{n} jobs (embedded model, 64 px, {args.steps} steps, guidance 5, 2 prompts each, measures: "
           f"{args.measures or 'none'}); {os.cpu_count()} CPUs")
@@ -90,6 +92,7 @@ def main() -> None:
     rate = {}
     for i, (name, (cmd, threads)) in enumerate(variants.items()):
         seconds, wall, cpu = run(cmd, threads, tmp / f"out{i}")
+        shutil.rmtree(tmp / f"out{i}")
         rate[name] = (60 * n / seconds, 60 * n / wall, 60 * n / cpu)
         print(f"| {name} | {seconds:.1f} | {rate[name][0]:.0f} | {wall:.1f} | {rate[name][1]:.0f} | {cpu:.1f} | "
               f"{rate[name][2]:.0f} |", flush=True)
@@ -101,6 +104,7 @@ def main() -> None:
         if a in rate and b in rate:
             print(f"{a} / {b}: {rate[a][0] / rate[b][0]:.2f}x (run), "
                   f"{rate[a][1] / rate[b][1]:.2f}x (wall), {rate[a][2] / rate[b][2]:.2f}x (per CPU second)")
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

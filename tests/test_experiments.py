@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,9 @@ BAD = {
                                      f"targets = ['{SRC}']\n", "measure 'judge' reads images of the embedded"),
     "targets not a list": (f"[settings]\nprompt = '{SRC}'\ntargets = '{SRC}'\n", "targets must be a list"),
     "not TOML": ("[settings\nprompt = 1\n", "is not valid TOML"),
+    "unknown kind": (f"[settings]\nprompt = '{SRC}'\nkind = 'generation'\n", "unknown kind 'generation'; a job is one"),
+    "round trip without a scene": ("[settings]\nkind = 'vae'\nprompt = 'a'\n", "a kind = 'vae' job needs scene"),
+    "bad scene": ("[settings]\nkind = 'vae'\nscene = { background = 'green' }\n", "a scene is a table"),
 }
 
 
@@ -98,7 +102,7 @@ def test_bad_files_fail_before_the_model_loads(case, tmp_path, monkeypatch, caps
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name,jobs", [("cross-self-grid", 120), ("layer-step-ablation", 80), ("scene-swaps", 58),
+@pytest.mark.parametrize("name,jobs", [("cross-self-grid", 120), ("layer-step-ablation", 80), ("scene-swaps", 58), ("scene-eval", 24),
                                        ("README", 36)])
 def test_example_files_read(name, jobs, tmp_path):
     from p2p.experiments.measures import MEASURES
@@ -144,6 +148,50 @@ def test_packed_batch_gives_the_images_of_separate_edits(pipe):
             worst = max(worst, int(d.max()))
             assert d.mean() < 0.02
     assert worst <= 2
+
+
+def test_memory_estimate_grows_with_the_batch_and_bounds_the_packing(pipe):
+    """batch.row_bytes: a batch's estimate grows with its rows; a budget below two jobs' rows packs one job per
+    batch, a large one leaves --batch-size the limit, one in between the rows it holds."""
+    from p2p.core.settings import EditSettings
+    from p2p.experiments.batch import batch_bytes, row_bytes
+    from p2p.experiments.spec import Job, pack
+
+    targets = ("a big blue square on a green background", "a big red circle on a green background")
+    settings = [EditSettings(SRC, (targets[i % 2],), steps=4, seed=i // 2).resolved(pipe.cfg) for i in range(8)]
+    jobs = [Job(str(i), i, s, {}) for i, s in enumerate(settings)]
+    estimates = [batch_bytes(pipe, settings[:k]) for k in range(1, 9)]
+    assert all(a < b for a, b in zip(estimates, estimates[1:]))  # every job adds a row (its source shared)
+    each = row_bytes(pipe, settings[0])
+    assert each == row_bytes(pipe, settings[1]) > row_bytes(pipe, replace(settings[0], targets=()))  # maps of the edit
+    assert row_bytes(pipe, replace(settings[0], low_memory=True)) < each  # one guidance branch at a time
+    assert row_bytes(pipe, replace(settings[0], height=128, width=128)) > 3 * each
+    size = lambda units: [len(u) for u in units]  # noqa: E731
+    assert size(pack(jobs, 8, 2 * each - 1, lambda s: row_bytes(pipe, s))) == [1] * 8
+    assert size(pack(jobs, 5, 10**15, lambda s: row_bytes(pipe, s))) == size(pack(jobs, 5)) == [3, 3, 2]
+    assert size(pack(jobs, 8, 3 * each, lambda s: row_bytes(pipe, s))) == [2, 2, 2, 2]  # 3 rows: source + 2
+    assert size(pack(jobs, 2, 3 * each, lambda s: row_bytes(pipe, s))) == [1] * 8  # the smaller limit holds
+
+
+def test_max_memory_packs_as_estimated_with_the_images_of_separate_edits(tmp_path, capsys):
+    """`p2p run --max-memory`: a budget below one job's rows runs every job alone, bit for bit as --batch-size 1;
+    a large one packs as --batch-size alone, within float rounding of the separate edits."""
+    exp = write(tmp_path, GRID.replace("SEEDS", "[0, 1]").replace('"psnr_outside", "attention", "judge"', ""))
+    out = {name: tmp_path / name for name in ("alone", "tiny", "four", "big")}
+    for name, flags in (("alone", ["--batch-size", "1"]), ("tiny", ["--max-memory", "1KB"]),
+                        ("four", ["--batch-size", "4"]), ("big", ["--batch-size", "4", "--max-memory", "1TB"])):
+        assert main(["run", str(exp), "--out-dir", str(out[name]), "--quiet", *flags]) == 0
+    packed = {name: [r["timing"]["packed_with"] for r in rows(out[name])] for name in out}
+    assert packed["alone"] == packed["tiny"] == [1] * 8 and packed["big"] == packed["four"] == [2] * 8
+    assert files(out["tiny"]) == files(out["alone"])
+    alone, big = files(out["alone"]), files(out["big"])
+    for name in alone:
+        if not name.endswith("grid.png"):
+            a, b = (np.asarray(Image.open(out[k] / name), np.int16) for k in ("alone", "big"))
+            assert np.abs(a - b).max() <= 2, name
+    assert main(["run", str(exp), "--out-dir", str(tmp_path / "bad"), "--max-memory", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-memory: takes a memory size" in err and "e.g. 4GB" in err, err
 
 
 def test_rerun_skips_done_jobs_and_a_changed_grid_runs_only_new_ones(tmp_path, capsys):

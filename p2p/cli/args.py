@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from models.errors import UserError
 
@@ -162,6 +163,20 @@ def eval_parts(text: str) -> tuple[str, ...]:
     if not values or any(v not in PARTS for v in values):
         raise argparse.ArgumentTypeError(f"takes parts among {','.join(PARTS)}, separated by commas; got {text!r}")
     return values
+
+
+MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+                "gib": 2**30, "tib": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """"4GB" -> 4 * 10**9 bytes, "1.5GiB" -> 1.5 * 2**30, "500MB", "512MiB": a positive number and a unit."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*", text, re.IGNORECASE)
+    size = float(m[1]) * MEMORY_UNITS[m[2].lower()] if m and m[2].lower() in MEMORY_UNITS else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"takes a memory size, a positive number with a unit among B, KB, MB, GB, "
+                                         f"TB, KiB, MiB, GiB, TiB, e.g. 4GB or 1.5GiB; got {text!r}")
+    return int(size)
 
 
 def max_res(text: str) -> int | str:
@@ -371,7 +386,8 @@ def build_parser() -> Parser:
     p = command("eval", "measure Prompt-to-Prompt on a scene model: text alignment, word swaps against the "
                 "baseline, refinement, the fader, local blend, the VAE (p2p/world/evaluate.py)")
     add_model_args(p)
-    p.add_argument("--n", type=checked("n"), default=48, help="cases per row, at least 1 (default 48)")
+    p.add_argument("--n", "--cases", type=checked("n"), default=48, help="cases per row, at least 1 (default 48); "
+                   "under torchrun write --cases (torchrun reads --n as short for its own --nnodes)")
     p.add_argument("--seed", type=checked("seed"), help="seed of the cases and of z_T (default 0)")
     p.add_argument("--parts", type=eval_parts, help="what to measure, separated by commas (default all: "
                    "plain,swaps,refine,fader,blend,vae)")
@@ -387,6 +403,9 @@ def build_parser() -> Parser:
                    "a rerun skips the jobs already there")
     p.add_argument("--batch-size", type=checked("batch_size"), default=8,
                    help="prompts sampled together in one batch, jobs of one setup packed (default 8)")
+    p.add_argument("--max-memory", type=memory_size, help="also bound each batch by this activation memory, "
+                   "e.g. 4GB or 1.5GiB, estimated per prompt from the model's configuration (p2p/experiments/"
+                   "batch.py: row_bytes); the batch is the smaller of the two limits")
     p.add_argument("--yes", action="store_true", help="run a grid of more than 10,000 jobs")
     p.add_argument("--device", type=device, help="cuda, cuda:N, mps or cpu (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],

@@ -272,28 +272,55 @@ def cmd_attention(args) -> int:
 # --- eval, vocab, download, convert ------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from p2p.world.evaluate import PARTS, aggregate, evaluate
+    """The evaluation as an experiment (p2p/world/evaluate.py: experiment_text): its jobs run by the experiment
+    runner, resumably in --out-dir (else a temporary folder), sharded under torchrun; rank 0 then makes the
+    rows and tables from results.jsonl. Each job runs alone, as `evaluate` runs it, so the numbers are its."""
+    import json
+    import tempfile
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from p2p.experiments.dist import Ranks
+    from p2p.experiments.measures import MEASURES
+    from p2p.experiments.runner import run_experiment, write_text
+    from p2p.experiments.spec import read_experiment
+    from p2p.files.images import open_image
+    from p2p.world.evaluate import PARTS, aggregate, eval_rows, experiment_text, save_example
     from p2p.world.judge import SIZE
     from p2p.world.report import save, tables
 
     if args.out_dir:
         check_output(args.out_dir, folder=True)
-    pipe = load_pipeline(args)
-    if pipe.cfg.image_size != SIZE:
-        raise UserError(f"p2p eval measures models of the scene generator's {SIZE} px images (p2p/world/judge.py "
-                        f"reads them); {args.model} makes {pipe.cfg.image_size} px images")
-    meta = {"model": str(args.model), "n": args.n, "seed": args.seed or 0, "steps": args.steps or pipe.cfg.steps,
-            "parts": list(args.parts or PARTS)}
-    run = lambda examples: evaluate(pipe, n=args.n, seed=args.seed or 0, parts=args.parts or PARTS,  # noqa: E731
-                                    steps=args.steps, progress=not args.quiet, examples=examples)
-    t0 = time.perf_counter()
-    if not args.out_dir:
-        summary = aggregate(run(None))
-    else:
-        with staged_folder(args.out_dir) as tmp:  # eval.json, eval.md and examples/ appear together
-            rows = run(tmp / "examples")
+    ranks = Ranks.from_env()
+    try:
+        if ranks.world > 1 and not args.out_dir:
+            raise UserError("p2p eval under torchrun needs --out-dir, a folder every process shares")
+        args.device = ranks.device(args.device)
+        pipe = load_pipeline(args)
+        if pipe.cfg.image_size != SIZE:
+            raise UserError(f"p2p eval measures models of the scene generator's {SIZE} px images (p2p/world/judge.py "
+                            f"reads them); {args.model} makes {pipe.cfg.image_size} px images")
+        parts = args.parts or PARTS
+        meta = {"model": str(args.model), "n": args.n, "seed": args.seed or 0, "steps": args.steps or pipe.cfg.steps,
+                "parts": list(parts)}
+        t0 = time.perf_counter()
+        with nullcontext(args.out_dir) if args.out_dir else tempfile.TemporaryDirectory(prefix="p2p-eval-") as out:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / "experiment.toml", experiment_text(args.n, args.seed or 0, parts, args.steps,
+                                                                str(args.model), args.tokenizer))
+            exp = read_experiment(out / "experiment.toml", known_measures=tuple(MEASURES))
+            run_experiment(exp, pipe, out, batch_size=1, ranks=ranks, progress=not args.quiet)
+            if not ranks.main:
+                return 0
+            rows = eval_rows([json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()])
             summary = aggregate(rows)
-            save(rows, summary, tmp, **meta, seconds=round(time.perf_counter() - t0, 1))
+            if args.out_dir:
+                for row in rows:  # one sheet per row: source, edit, ...
+                    save_example(row, [open_image(out / p) for p in row["images"]], out / "examples")
+                save(rows, summary, out, **meta, seconds=round(time.perf_counter() - t0, 1))
+    finally:
+        ranks.close()
     print(tables(summary))
     print(f"{args.n} cases per row, {meta['steps']} steps, {time.perf_counter() - t0:.0f} s")
     return 0
@@ -313,8 +340,8 @@ def cmd_run(args) -> int:
     try:
         pipe = Pipeline.from_pretrained(exp.model, tokenizer=exp.tokenizer, device=ranks.device(args.device),
                                         dtype=args.dtype)
-        stats = run_experiment(exp, pipe, args.out_dir, batch_size=args.batch_size, ranks=ranks,
-                               progress=not args.quiet)
+        stats = run_experiment(exp, pipe, args.out_dir, batch_size=args.batch_size, max_memory=args.max_memory,
+                               ranks=ranks, progress=not args.quiet)
     finally:
         ranks.close()
     if ranks.main:

@@ -8,7 +8,12 @@ its own seed's z_T and its own unconditional embedding, and `Packed` runs each j
 rows only, as if its rows were the whole batch. The source row is never edited (the edit functions
 return it unchanged and local blend keeps it), so sharing it changes nothing for the jobs.
 
-A job alone in its batch runs through `run_edit` itself, exactly as `p2p edit`.
+A job alone in its batch runs through `run_edit` itself, exactly as `p2p edit`; a job that is not an edit
+always runs alone (`run_alone`): a generation through `Pipeline.generate`, a round trip through the VAE.
+
+How many prompts go in one batch: at most `--batch-size`, and with `--max-memory` at most as many as the
+budget holds by `row_bytes`, an estimate of the activation memory of one prompt worked out from the model's
+configuration (no measurement: the same on every device and rank, so the packing is too).
 """
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from models.tokenizer import MAX_LENGTH
+
 from p2p.core.controller import Compose, Controller, GuidanceLayout
 from p2p.core.run import EditResult, run_edit
 from p2p.core.settings import EditSettings, build_controller
+from p2p.core.sites import SiteSelection
 
 from .spec import Job
 
@@ -74,6 +82,48 @@ class Packed(Controller):
         return z_t if out is None else out
 
 
+TRANSIENT = 16  # feature maps of the widest level alive at once in a transformer block (norms, Q K V, GEGLU's 8x)
+
+
+def row_bytes(pipe, s: EditSettings, maps: SiteSelection | None = None) -> int:
+    """Estimated activation memory (bytes) of one prompt (row) of a batch of the resolved settings `s`, for
+    `--max-memory`. The prompt is 2 UNet rows (classifier-free guidance in one call; 1 with low_memory or
+    guidance <= 1), each holding, in the model's dtype:
+
+    - the skip connections of the down path: layers_per_block + 1 feature maps per level, ch_l x h_l x w_l
+      values each (the latent's h x w, halved per level);
+    - the transient of a transformer block at the first level: TRANSIENT x ch_0 x h_0 x w_0 values;
+    - the largest attention map the job's controller reads, heads x queries x keys at the sites its edit
+      (cross_sites, self_sites, the blend's), the measures' store (`maps`) select: Q K^T, its float32
+      softmax and the edited copy, 3 x dtype + 2 x 4 bytes per value. Everywhere else attention runs through
+      scaled_dot_product_attention, which keeps no map.
+
+    Weights, text encoding and decoding (one image at a time) are outside it. It is a bound of the right size,
+    not a measurement: a batch of n prompts is estimated at n x the largest row_bytes of its jobs."""
+    cfg = pipe.cfg.unet
+    size = torch.finfo(pipe.dtype).bits // 8
+    h, w = s.height // pipe.cfg.vae_scale, s.width // pipe.cfg.vae_scale
+    grids = [(max(h >> level, 1), max(w >> level, 1)) for level in range(len(cfg.block_out_channels))]
+    skips = sum((cfg.layers_per_block + 1) * ch * gh * gw for ch, (gh, gw) in zip(cfg.block_out_channels, grids))
+    transient = TRANSIENT * cfg.block_out_channels[0] * grids[0][0] * grids[0][1]
+    wanted = [(maps, ("cross", "self")), (s.blend_sites if s.blend else None, ("cross",))]  # (selection, kinds)
+    if s.targets or s.mode == "reweight":  # an edit: the maps it injects or reweights
+        wanted += [(s.cross_sites, ("cross",)), (s.self_sites, ("self",))]
+    biggest = 0
+    for site in pipe.unet.sites:
+        hw = grids[min(site.level, len(grids) - 1)]
+        if any(sel is not None and site.kind in kinds and sel.selects(site, hw) for sel, kinds in wanted):
+            keys = hw[0] * hw[1] if site.kind == "self" else MAX_LENGTH
+            biggest = max(biggest, cfg.heads_at(site.level) * hw[0] * hw[1] * keys)
+    guided = 1 if s.low_memory or s.guidance <= 1 else 2
+    return guided * ((skips + transient) * size + biggest * (3 * size + 8))
+
+
+def batch_bytes(pipe, settings: list[EditSettings], maps: SiteSelection | None = None) -> int:
+    """The estimate for a packed batch of these jobs: its rows (`layout`) x the largest row_bytes."""
+    return len(layout(settings)[0]) * max(row_bytes(pipe, s, maps) for s in settings)
+
+
 @dataclass
 class Outcome:
     """One job's result: the edit (images, z_0, its controller) and the store of its maps (or None)."""
@@ -102,12 +152,30 @@ def layout(settings: list[EditSettings]) -> tuple[list[str], list[EditSettings],
     return prompts, owners, groups
 
 
+def run_alone(pipe, job: Job, store: Controller | None, progress: bool = False) -> Outcome:
+    """One job in a batch of its own: an edit (`run_edit`), a generation of its prompts from one seed's z_T (the
+    store, if any, is its only controller), or the VAE round trip of its scene ([rendering, D(E(rendering))]).
+    A generation or a round trip has no controller and no z_0 in its result."""
+    s = job.settings
+    if job.kind == "edit":
+        return Outcome(job, run_edit(pipe, s, controller=store, progress=progress), store)
+    if job.kind == "generate":
+        images = pipe.generate(s.prompts, seed=s.seed, steps=s.steps, guidance=s.guidance, height=s.height,
+                               width=s.width, eta=s.eta, negative_prompt=s.negative_prompt, controller=store,
+                               low_memory=s.low_memory, progress=progress)
+        return Outcome(job, EditResult(s, images, None, None), store)
+    from p2p.files.images import encode_image
+    from p2p.world import evaluate, scenes
+
+    image, _ = scenes.render(evaluate.scene_from_table(job.scene))
+    return Outcome(job, EditResult(s, [image, *pipe.decode(encode_image(pipe, image))], None, None), None)
+
+
 def run_unit(pipe, jobs: list[Job], stores: list[Controller | None], progress: bool = False) -> list[Outcome]:
     """Run jobs of one sampling setup (same steps, guidance, size, eta 0) in one batch; `stores[i]` (or None)
     is composed after job i's edit and sees its edited maps."""
     if len(jobs) == 1:
-        r = run_edit(pipe, jobs[0].settings, controller=stores[0], progress=progress)
-        return [Outcome(jobs[0], r, stores[0])]
+        return [run_alone(pipe, jobs[0], stores[0], progress)]
     settings = [j.settings for j in jobs]
     s0 = settings[0]
     prompts, owners, groups = layout(settings)

@@ -6,7 +6,7 @@ edited image where that makes sense. Add one with
 
     register(Measure("my_measure", my_function, needs_maps=True))
 
-`p2p eval`'s per-case measures plug in the same way. Built in:
+Built in:
 
 - `psnr_outside`: PSNR (dB) between the source and each edit outside the edited region. The region is the
   local blend's mask when the job blends, else the cross-attention map of the edited words (those that
@@ -23,6 +23,11 @@ edited image where that makes sense. Add one with
   `psnr_outside_objects`: the PSNR outside the objects the judge finds in either image (grown by 2 px), as
   `p2p eval` measures it. (On the embedded model the maps of colour and size words cover most of the 8x8
   grid, so `psnr_outside` often finds no pixel outside the region; this one does.)
+- `eval_plain`, `eval_swaps`, `eval_refine`, `eval_fader`, `eval_blend`, `eval_vae` (the embedded scene model
+  only): `p2p eval`'s measures (p2p/world/evaluate.py: score_*), each on the jobs it scores (evaluate.part_of: a
+  generation without targets, word swaps and their baseline, refinement, the fader, two-object swaps, round
+  trips). `eval` is the list of its rows, as `p2p eval` makes them, with `images` the indices of the job's
+  images each row read; `p2p eval` runs these as an experiment (p2p/cli/commands.py: cmd_eval).
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ from p2p.core.sites import p2p_defaults
 from p2p.core.store import AttentionStore
 from p2p.files.images import psnr
 
+from p2p.world import evaluate
+
 from .spec import _words
 
 
@@ -50,6 +57,7 @@ class Measure:
     fn: Callable  # (outcome, pipe) -> dict of JSON values
     needs_maps: bool = False  # the job runs with an AttentionStore of the blend-resolution cross maps
     embedded_only: bool = False  # reads scene images: only the embedded model's
+    applies: Callable = lambda job: job.kind != "vae"  # (Job) -> whether it measures this job (else it is skipped)
 
 
 MEASURES: dict[str, Measure] = {}
@@ -60,18 +68,23 @@ def register(measure: Measure) -> Measure:
     return measure
 
 
+def store_sites(names, pipe):
+    """The sites whose maps the measures `names` need (cross-attention at the model's blend sites), or None."""
+    return p2p_defaults(pipe.cfg).blend_sites if any(MEASURES[n].needs_maps for n in names) else None
+
+
 def store_for(names, pipe) -> AttentionStore | None:
-    """The attention store the measures `names` need (cross-attention at the model's blend sites), or None."""
-    if any(MEASURES[n].needs_maps for n in names):
-        return AttentionStore(p2p_defaults(pipe.cfg).blend_sites)
-    return None
+    """The attention store the measures `names` need, or None."""
+    sites = store_sites(names, pipe)
+    return None if sites is None else AttentionStore(sites)
 
 
 def measure(names, outcome, pipe) -> dict:
     """Every measure of `names` on one job, merged into one dict."""
     out = {}
     for n in names:
-        out.update(MEASURES[n].fn(outcome, pipe))
+        if MEASURES[n].applies(outcome.job):
+            out.update(MEASURES[n].fn(outcome, pipe))
     return out
 
 
@@ -221,3 +234,20 @@ def dilate(mask: np.ndarray, r: int = 2) -> np.ndarray:
 register(Measure("psnr_outside", psnr_outside, needs_maps=True))
 register(Measure("attention", attention_stats, needs_maps=True))
 register(Measure("judge", judge_readout, embedded_only=True))
+
+
+def scene_eval(part: str) -> Callable:
+    """The measure of one of `p2p eval`'s parts: its score of the job's images, the rows' images as indices."""
+    def fn(outcome, pipe) -> dict:
+        job, r = outcome.job, outcome.result
+        scene = evaluate.scene_from_table(job.scene) if job.scene else None
+        rows = evaluate.SCORES[part](job.kind, r.settings, scene, r.images)
+        for row in rows:
+            row["images"] = [next(i for i, x in enumerate(r.images) if x is img) for img in row["images"]]
+        return {"eval": rows}
+    return fn
+
+
+for _part in evaluate.PARTS:
+    register(Measure(f"eval_{_part}", scene_eval(_part), embedded_only=True,
+                     applies=lambda job, part=_part: evaluate.part_of(job.kind, job.settings) == part))

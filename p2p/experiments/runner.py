@@ -30,11 +30,11 @@ from models.errors import UserError
 
 from p2p.core.run import save_edit
 from p2p.core.settings import build_controller
-from p2p.files.output import staged_folder
+from p2p.files.output import grid, save_image, staged_folder
 
-from .batch import run_unit
+from .batch import row_bytes, run_unit
 from .dist import Ranks
-from .measures import measure, store_for
+from .measures import measure, store_for, store_sites
 from .spec import Experiment, Job, expand, pack
 
 
@@ -68,8 +68,10 @@ def check_jobs(pipe, jobs: list[Job]) -> None:
             continue
         seen.add(key)
         try:
-            build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)  # every check of the words and values
-            pipe.latent_shape(s.height, s.width)
+            if job.kind == "edit":
+                build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)  # every check of the words and values
+            if job.kind != "vae":
+                pipe.latent_shape(s.height, s.width)
         except UserError as e:
             where = ", ".join(f"{k}={v}" for k, v in job.axes.items())
             raise UserError(f"job {job.index}{f' ({where})' if where else ''}: {e}") from None
@@ -84,6 +86,19 @@ def clean(value):
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
+
+
+def save_images(o, folder: Path, extra: dict) -> None:
+    """0.png, 1.png, ... and grid.png of a job, each with its settings (`save_edit` for an edit)."""
+    if o.job.kind == "edit":
+        save_edit(o.result, folder, extra)
+        return
+    s = o.result.settings
+    meta = {"command": o.job.kind, **s.to_dict(), **({"scene": o.job.scene} if o.job.scene else {}), **extra}
+    for i, img in enumerate(o.result.images):
+        save_image(img, folder / f"{i}.png", {**meta, "index": i})
+    captions = s.prompts if o.job.kind == "generate" else [f"{s.prompt} (rendered)", "VAE round trip"]
+    save_image(grid(o.result.images, captions), folder / "grid.png", meta)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -125,9 +140,10 @@ def write_tables(out_dir: Path, experiment: Experiment, jobs: list[Job]) -> list
 
 
 def run_experiment(experiment: Experiment, pipe, out_dir: str | Path, *, batch_size: int = 8,
-                   ranks: Ranks | None = None, progress: bool = True) -> RunStats:
+                   max_memory: int | None = None, ranks: Ranks | None = None, progress: bool = True) -> RunStats:
     """Run the jobs of `experiment` not yet done in `out_dir` (on this rank's share, under torchrun), then
-    (rank 0) write the tables. Packs of jobs of one sampling setup share the UNet calls (`batch_size` rows)."""
+    (rank 0) write the tables. Packs of jobs of one sampling setup share the UNet calls: at most `batch_size`
+    rows, and with `max_memory` (bytes) at most as many as fit by `batch.row_bytes`'s estimate."""
     ranks = ranks or Ranks()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -140,7 +156,8 @@ def run_experiment(experiment: Experiment, pipe, out_dir: str | Path, *, batch_s
         remove_stale(jobs_dir)
     pending_ids = ranks.share([j.id for j in jobs if not (jobs_dir / j.id).is_dir()] if ranks.main else None)
     pending = [j for j in jobs if j.id in set(pending_ids)]
-    units = pack(pending, batch_size)
+    maps = store_sites(experiment.measures, pipe)
+    units = pack(pending, batch_size, max_memory, lambda s: row_bytes(pipe, s, maps))
     model = {"path": experiment.model, "fingerprint": fingerprint, "family": pipe.cfg.family,
              "dtype": str(pipe.dtype).removeprefix("torch.")}
     ran = 0
@@ -162,7 +179,7 @@ def run_experiment(experiment: Experiment, pipe, out_dir: str | Path, *, batch_s
                        "timing": {"sampling_s": sampled / len(unit), "measure_s": time.perf_counter() - m0,
                                   "packed_with": len(unit), "rank": ranks.rank, "device": str(pipe.device)}}
                 with staged_folder(jobs_dir / o.job.id) as tmp:  # the images and the row appear together
-                    save_edit(o.result, tmp, {"model": experiment.model, "job": o.job.id})
+                    save_images(o, tmp, {"model": experiment.model, "job": o.job.id})
                     (tmp / "row.json").write_text(json.dumps(clean(row), sort_keys=True, indent=1) + "\n")
                 ran += 1
                 bar.update(1)

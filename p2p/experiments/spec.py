@@ -19,6 +19,14 @@
 
     [[jobs]]                                 # optional: explicit jobs, each one crossed with the grid
     prompt = "..."
+    kind = "generate"                        # optional, any table: what the job runs (KINDS), default "edit"
+
+A job is an edit (`kind = "edit"`, the default: `run_edit` of its settings), a generation (`kind =
+"generate"`: its prompt and targets from one seed's z_T with no control, e.g. the baseline of an edit, or
+plain generation without targets) or the VAE round trip of a rendered scene of the scene generator
+(`kind = "vae"`, with `scene = { background, bg_kind, bg_seed, things = [...] }`, as
+p2p.world.evaluate.scene_table writes it; its prompt defaults to the scene's caption). `p2p eval`'s
+measures need all three (p2p.world.evaluate.experiment_text).
 
 Everything here is checked before any model loads (`read_experiment`): unknown keys, values out of range,
 words of blend / reweight / cross_replace that are in none of the job's prompts, and the number of jobs
@@ -36,6 +44,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 from models.errors import UserError, read_toml
 
@@ -45,6 +54,8 @@ from p2p.core.settings import MODES, SITE_FIELDS, EditSettings
 MAX_JOBS = 10_000  # more needs --yes
 TOP_KEYS = ("description", "model", "tokenizer", "measures", "settings", "grid", "jobs")
 FIELDS = {f.name for f in fields(EditSettings)}
+KINDS = ("edit", "generate", "vae")
+JOB_KEYS = ("kind", "scene")  # what a job is, next to its settings (not fields of EditSettings)
 NUMBERS = ("steps", "height", "width", "guidance", "eta", "seed", "blend_threshold", "blend_start")
 
 
@@ -62,7 +73,7 @@ class Experiment:
     points: tuple[tuple[dict, dict], ...]  # (settings dict, {axis: label}) per job
 
     def settings(self) -> list[EditSettings]:
-        return [EditSettings.from_dict(d) for d, _ in self.points]
+        return [EditSettings.from_dict(settings_part(d)) for d, _ in self.points]
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,13 @@ class Job:
     index: int  # place in the experiment's order
     settings: EditSettings  # resolved: every default filled in from the model
     axes: dict  # axis -> label
+    kind: str = "edit"  # one of KINDS
+    scene: dict | None = None  # the scene of a "vae" job, as a table
+
+
+def settings_part(d: dict) -> dict:
+    """A job's dict without the JOB_KEYS: its EditSettings fields."""
+    return {k: v for k, v in d.items() if k not in JOB_KEYS}
 
 
 def label(value) -> str:
@@ -109,12 +127,25 @@ def did_you_mean(name: str, options) -> str:
 
 
 def check_point(d: dict, where: str) -> None:
-    """Checks of one job's settings that need no model: fields, numbers, mode, windows, words."""
-    unknown = sorted(set(d) - FIELDS)
+    """Checks of one job's settings that need no model: fields, kind and scene, numbers, mode, windows, words."""
+    unknown = sorted(set(d) - FIELDS - set(JOB_KEYS))
     if unknown:
         raise UserError(f"{where}: unknown setting {unknown[0]!r}{did_you_mean(unknown[0], FIELDS)}; the settings are "
-                        "the fields of EditSettings: "
-                        f"{', '.join(sorted(FIELDS))}")
+                        f"the fields of EditSettings: {', '.join(sorted(FIELDS))} (and a job's {' and '.join(JOB_KEYS)})")
+    kind = d.get("kind", "edit")
+    if kind not in KINDS:
+        raise UserError(f"{where}: unknown kind {kind!r}; a job is one of {', '.join(KINDS)}")
+    if (kind == "vae") != ("scene" in d):
+        raise UserError(f"{where}: " + ("a kind = 'vae' job needs scene = { ... }, the scene to render" if kind == "vae"
+                                         else "scene is for a kind = 'vae' job only"))
+    if kind == "vae":
+        from p2p.world.evaluate import scene_from_table
+
+        try:
+            scene_from_table(d["scene"]) if isinstance(d["scene"], dict) else scene_from_table({})
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+    d = settings_part(d)
     if "prompt" not in d:
         raise UserError(f"{where}: no prompt; set prompt in [settings], in a [[jobs]] entry or on a grid axis")
     from p2p.cli.args import rule_message
@@ -133,6 +164,8 @@ def check_point(d: dict, where: str) -> None:
         s = EditSettings.from_dict(d)
     except TypeError as e:
         raise UserError(f"{where}: {e}") from None
+    if kind != "edit":  # no controller: the edit's settings are not used
+        return
     if s.mode not in MODES:
         raise UserError(f"{where}: unknown mode {s.mode!r}; use one of {', '.join(MODES)}")
     if s.mode != "reweight" and not s.targets:
@@ -191,7 +224,7 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
     for name, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{path}: grid.{name} must be a non-empty list of values, e.g. {name} = [0.2, 0.4]")
-        if name in FIELDS:
+        if name in FIELDS or name in JOB_KEYS:
             if name in SITE_FIELDS and not all(isinstance(v, dict) for v in values):
                 raise UserError(f"{path}: grid.{name} lists site selections as tables, e.g. [{{ res = [16] }}]")
             axes.append((name, [({name: unlabelled(v)}, label(v)) for v in values]))
@@ -211,6 +244,14 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
         for changes, _ in combo:
             d.update(changes)
         points.append((d, {name: lab for (name, _), (_, lab) in zip(axes, combo)}))
+    for d, _ in points:  # a round trip's prompt: its scene's caption
+        if d.get("kind") == "vae" and "prompt" not in d and isinstance(d.get("scene"), dict):
+            from p2p.world import evaluate, scenes
+
+            try:
+                d["prompt"] = scenes.caption(evaluate.scene_from_table(d["scene"]))
+            except ValueError:
+                pass  # check_point names the problem
     checked = set()
     for d, labels in points:  # checking one job per distinct settings keeps a large grid fast
         key = json.dumps(d, sort_keys=True, default=str)
@@ -224,10 +265,14 @@ def read_experiment(path: str | Path, *, yes: bool = False, known_measures=()) -
                       tuple(measures), tuple(name for name, _ in axes), tuple(points))
 
 
-def job_id(settings: EditSettings, fingerprint: str, measures: tuple[str, ...]) -> str:
-    """16 hex digits of sha256 over the resolved settings, the model fingerprint and the measures asked for."""
-    text = json.dumps({"settings": settings.to_dict(), "model": fingerprint, "measures": sorted(measures)},
-                      sort_keys=True)
+def job_id(settings: EditSettings, fingerprint: str, measures: tuple[str, ...], kind: str = "edit",
+           scene: dict | None = None) -> str:
+    """16 hex digits of sha256 over the resolved settings, the model fingerprint and the measures asked for (and
+    the kind and scene of a job that is not an edit)."""
+    what = {"settings": settings.to_dict(), "model": fingerprint, "measures": sorted(measures)}
+    if kind != "edit":
+        what.update(kind=kind, scene=scene)
+    text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -236,31 +281,40 @@ def expand(experiment: Experiment, model_cfg, fingerprint: str) -> list[Job]:
     jobs, seen = [], set()
     for (d, labels), s in zip(experiment.points, experiment.settings()):
         s = s.resolved(model_cfg)
-        jid = job_id(s, fingerprint, experiment.measures)
+        kind, scene = d.get("kind", "edit"), d.get("scene")
+        jid = job_id(s, fingerprint, experiment.measures, kind, scene)
         if jid not in seen:
             seen.add(jid)
-            jobs.append(Job(jid, len(jobs), s, labels))
+            jobs.append(Job(jid, len(jobs), s, labels, kind, scene))
     return jobs
 
 
-def pack(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+def pack(jobs: list[Job], batch_size: int, max_memory: int | None = None,
+         row_bytes: Callable[[EditSettings], int] | None = None) -> list[list[Job]]:
     """Jobs in batches of at most `batch_size` prompts (rows), each batch of one sampling setup (steps,
     guidance, size, eta 0, low_memory): consecutive jobs of the same setup go together, in order, so the
-    packing depends only on the job list. A job with eta > 0 draws its own noise and runs alone."""
+    packing depends only on the job list. A job with eta > 0 draws its own noise and runs alone, as does a job
+    that is not an edit (a generation, a round trip). With
+    `max_memory` (bytes), a batch also keeps its rows x the largest `row_bytes(settings)` of its jobs (an
+    estimate per prompt, batch.row_bytes) within it: the smaller of the two limits holds. A job whose own rows
+    exceed a limit runs alone."""
     def setup(s: EditSettings):
         return (s.steps, s.guidance, s.height, s.width, s.low_memory) if s.eta == 0 else None
 
-    units, current, rows = [], [], 0
+    units, current, rows, peak = [], [], 0, 0
     for job in jobs:
         s = job.settings
+        alone = job.kind != "edit" or (current and current[0].kind != "edit")
         add = len(s.prompts) - any(same_source(s, j.settings) for j in current)  # a shared source row counts once
-        if current and setup(s) is not None and setup(s) == setup(current[0].settings) and rows + add <= batch_size:
+        each = row_bytes(s) if max_memory is not None else 0
+        fits = rows + add <= batch_size and (max_memory is None or (rows + add) * max(peak, each) <= max_memory)
+        if current and not alone and setup(s) is not None and setup(s) == setup(current[0].settings) and fits:
             current.append(job)
-            rows += add
+            rows, peak = rows + add, max(peak, each)
         else:
             if current:
                 units.append(current)
-            current, rows = [job], len(s.prompts)
+            current, rows, peak = [job], len(s.prompts), each
     if current:
         units.append(current)
     return units

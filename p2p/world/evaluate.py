@@ -25,8 +25,9 @@ Every case is fixed by `seed`; the model folder's own sampling defaults (steps, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+import json
+import re
+from dataclasses import dataclass, fields
 from itertools import permutations
 from pathlib import Path
 
@@ -206,109 +207,199 @@ def compare(src: dict, src_img, edit_img, attribute: str, value: str) -> dict:
     return row
 
 
-# --- the measures: one call, one case, flat rows -------------------------------------------------------------
+# --- what each measure runs ----------------------------------------------------------------------------------
 
-def measure_plain(pipe, case: Case, steps: int | None = None) -> dict:
-    """Plain generation of the case's prompt: 1 per attribute the judge reads as the prompt says; `all`."""
-    (image,) = pipe.generate(case.prompt, seed=case.seed, steps=steps, progress=False)
-    got, want = read(image), truth(case.scene)
-    row = {a: float(got[a] == want[a]) for a in ATTRIBUTES}
-    return {"kind": "plain", "prompt": case.prompt, "seed": case.seed, **row, "all": float(all(row.values())),
-            "images": [image]}
+@dataclass(frozen=True)
+class EvalJob:
+    """One sampling run of a measure: an edit (`run_edit`), a generation ("generate": the prompts from one seed's
+    z_T with no control, the baseline and plain generation) or the VAE round trip of a rendered `scene` ("vae").
+    `part` (one of PARTS) names the measure that scores it, `label` says what it is in an experiment's tables
+    (its first word is the index of its case)."""
+    part: str
+    kind: str
+    settings: EditSettings
+    label: str
+    scene: scenes.Scene | None = None
 
 
-def measure_swaps(pipe, case: Case, method: str = "P2P", attributes=SWAPS, cross_replace: float = 0.8,
-                  steps: int | None = None) -> list[dict]:
-    """Word swaps of the case (one row per attribute), with Prompt-to-Prompt (`Replace`, this cross_replace,
-    the default self_replace) or the baseline (the prompts generated from the same seed, no control). The
-    swaps that share a source prompt run in one batch."""
-    rows = []
+def jobs_plain(case: Case, steps: int | None = None, k: int = 0) -> list[EvalJob]:
+    return [EvalJob("plain", "generate", EditSettings(case.prompt, seed=case.seed, steps=steps), f"{k} plain")]
+
+
+def jobs_swaps(case: Case, method: str = "P2P", attributes=SWAPS, cross_replace: float = 0.8,
+               steps: int | None = None, k: int = 0) -> list[EvalJob]:
+    """One job per source prompt (the pattern swap's may be `case.patterned`), its swaps the targets."""
     groups = {}
     for a in attributes:
         groups.setdefault(case.source(a), []).append(a)
+    out = []
     for scene, attrs in groups.items():
-        prompt = scenes.caption(scene)
         targets = tuple(scenes.caption(scenes.with_attribute(scene, 0, a, case.swaps[a])) for a in attrs)
         if method == "baseline":
-            images = pipe.generate([prompt, *targets], seed=case.seed, steps=steps, progress=False)
+            job = EvalJob("swaps", "generate", EditSettings(scenes.caption(scene), targets, seed=case.seed, steps=steps),
+                          f"{k} swaps baseline {'+'.join(attrs)}")
         else:
-            s = EditSettings(prompt, targets, cross_replace=cross_replace, seed=case.seed, steps=steps)
-            images = run_edit(pipe, s, progress=False).images
-        src = read(images[0])
-        for a, target, img in zip(attrs, targets, images[1:]):
-            rows.append({"kind": "swap", "method": method, "attribute": a,
-                         "cross_replace": cross_replace if method != "baseline" else None, "prompt": prompt,
-                         "target": target, "seed": case.seed, **compare(src, images[0], img, a, case.swaps[a]),
-                         "images": [images[0], img]})
-    return rows
+            s = EditSettings(scenes.caption(scene), targets, cross_replace=cross_replace, seed=case.seed, steps=steps)
+            job = EvalJob("swaps", "edit", s, f"{k} swaps P2P {'+'.join(attrs)} cross_replace={cross_replace:g}")
+        out.append(job)
+    return out
 
 
-def measure_refine(pipe, case: Case, method: str = "P2P", steps: int | None = None) -> dict:
-    """Refinement (`Refine`): the plain object of the scene gets the pattern word `case.pattern` added."""
+def jobs_refine(case: Case, method: str = "P2P", steps: int | None = None, k: int = 0) -> list[EvalJob]:
+    """The plain object of the scene gets the pattern word `case.pattern` added."""
     source = scenes.with_attribute(case.scene, 0, "pattern", "plain")
     prompt, target = scenes.caption(source), scenes.caption(scenes.with_attribute(source, 0, "pattern", case.pattern))
-    if method == "baseline":
-        images = pipe.generate([prompt, target], seed=case.seed, steps=steps, progress=False)
-    else:
-        images = run_edit(pipe, EditSettings(prompt, (target,), mode="refine", seed=case.seed, steps=steps),
-                          progress=False).images
-    row = compare(read(images[0]), images[0], images[1], "pattern", case.pattern)
-    return {"kind": "refine", "method": method, "attribute": "pattern", "prompt": prompt, "target": target,
-            "seed": case.seed, **row, "images": images}
+    s = EditSettings(prompt, (target,), mode="refine", seed=case.seed, steps=steps)
+    return [EvalJob("refine", "generate" if method == "baseline" else "edit", s, f"{k} refine {method}")]
 
 
-def measure_fader(pipe, case: Case, attribute: str = "pattern", steps: int | None = None) -> dict:
-    """The fader (`Reweight`) of the object's pattern or colour word at each c of FADER: the strength
-    (pattern_strength or saturation) in the source's object mask, `monotone` (1 if non-decreasing in c) and
-    the strengths `s@c`, on `case.patterned` or `case.colourful`."""
+def jobs_fader(case: Case, attribute: str = "pattern", steps: int | None = None, k: int = 0) -> list[EvalJob]:
+    """The object's pattern word (on `case.patterned`) or colour word (on `case.colourful`) at each c of FADER."""
     scene = case.patterned if attribute == "pattern" else case.colourful
     word = scene.things[0].pattern if attribute == "pattern" else scene.things[0].colour
     prompt = scenes.caption(scene)
-    s = EditSettings(prompt, (prompt,) * len(FADER), mode="reweight", reweight={word: list(FADER)},
-                     seed=case.seed, steps=steps)
-    images = run_edit(pipe, s, progress=False).images
+    s = EditSettings(prompt, (prompt,) * len(FADER), mode="reweight", reweight={word: list(FADER)}, seed=case.seed,
+                     steps=steps)
+    return [EvalJob("fader", "edit", s, f"{k} fader {attribute}")]
+
+
+def jobs_blend(case: PairCase, blend: bool, steps: int | None = None, k: int = 0) -> list[EvalJob]:
+    """A colour swap of one object of a two-object scene, with local blend on its shape word or without."""
+    shape = case.scene.things[case.index].shape
+    s = EditSettings(case.prompt, (case.target,), blend=((shape,), (shape,)) if blend else (), seed=case.seed,
+                     steps=steps)
+    return [EvalJob("blend", "edit", s, f"{k} blend {'local' if blend else 'none'}")]
+
+
+def jobs_roundtrip(scene: scenes.Scene, k: int = 0) -> list[EvalJob]:
+    return [EvalJob("vae", "vae", EditSettings(scenes.caption(scene)), f"{k} vae", scene)]
+
+
+def run_job(pipe, job: EvalJob) -> list:
+    """The images of one job: [source, edit 1, ...], the generated prompts, or [rendering, round trip]."""
+    s = job.settings
+    if job.kind == "vae":
+        image, _ = scenes.render(job.scene)
+        (back,) = pipe.decode(encode_image(pipe, image))
+        return [image, back]
+    if job.kind == "generate":
+        return pipe.generate(s.prompts, seed=s.seed, steps=s.steps, progress=False)
+    return run_edit(pipe, s, progress=False).images
+
+
+def part_of(kind: str, s: EditSettings) -> str:
+    """The measure (a PARTS entry) that scores a job of this kind and these settings."""
+    if kind == "vae":
+        return "vae"
+    if s.mode in ("reweight", "refine"):
+        return {"reweight": "fader", "refine": "refine"}[s.mode]
+    if not s.targets:
+        return "plain"
+    return "blend" if " and " in s.prompt else "swaps"
+
+
+# --- the scores: a job's images -> flat rows -----------------------------------------------------------------
+
+def parse_caption(prompt: str) -> tuple[list[dict], str]:
+    """`scenes.caption` read back: each thing's shape, colour, pattern and size, and the background colour."""
+    phrases, _, background = prompt.rpartition(" on a ")
+    things = []
+    for phrase in phrases.split(" and "):
+        w = phrase.split()  # a SIZE COLOUR [PATTERN] SHAPE
+        things.append({"shape": w[-1], "colour": w[2], "pattern": w[3] if len(w) == 5 else "plain", "size": w[1]})
+    return things, background.removesuffix(" background")
+
+
+def caption_truth(prompt: str, index: int = 0) -> dict:
+    """`truth` of the scene a caption describes."""
+    things, background = parse_caption(prompt)
+    return {**things[index], "background": background}
+
+
+def changed(prompt: str, target: str) -> tuple[str, str]:
+    """The attribute of thing 0 (or the background) a one-word edit of the caption changes, and its new value."""
+    a, b = caption_truth(prompt), caption_truth(target)
+    attribute = next(k for k in ATTRIBUTES if a[k] != b[k])
+    return attribute, b[attribute]
+
+
+def score_plain(kind, s: EditSettings, scene, images) -> list[dict]:
+    """Plain generation of the case's prompt: 1 per attribute the judge reads as the prompt says; `all`."""
+    (image,) = images
+    got, want = read(image), caption_truth(s.prompt)
+    row = {a: float(got[a] == want[a]) for a in ATTRIBUTES}
+    return [{"kind": "plain", "prompt": s.prompt, "seed": s.seed, **row, "all": float(all(row.values())),
+             "images": [image]}]
+
+
+def score_swaps(kind, s: EditSettings, scene, images) -> list[dict]:
+    """Word swaps, one row per target: P2P (an edit) or the baseline (a generation), `compare`d to the source."""
+    method = "baseline" if kind == "generate" else "P2P"
+    src = read(images[0])
+    rows = []
+    for target, img in zip(s.targets, images[1:]):
+        a, value = changed(s.prompt, target)
+        rows.append({"kind": "swap", "method": method, "attribute": a,
+                     "cross_replace": s.cross_replace if method != "baseline" else None, "prompt": s.prompt,
+                     "target": target, "seed": s.seed, **compare(src, images[0], img, a, value),
+                     "images": [images[0], img]})
+    return rows
+
+
+def score_refine(kind, s: EditSettings, scene, images) -> list[dict]:
+    """Refinement: the added pattern read in the edit, the object kept."""
+    target = s.targets[0]
+    row = compare(read(images[0]), images[0], images[1], "pattern", changed(s.prompt, target)[1])
+    return [{"kind": "refine", "method": "baseline" if kind == "generate" else "P2P", "attribute": "pattern",
+             "prompt": s.prompt, "target": target, "seed": s.seed, **row, "images": images}]
+
+
+def score_fader(kind, s: EditSettings, scene, images) -> list[dict]:
+    """The fader of a pattern or colour word at each c: the strength (pattern_strength or saturation) in the
+    source's object mask, `monotone` (1 if non-decreasing in c) and the strengths `s@c`."""
+    ((word, cs),) = s.reweight.items()
+    attribute = "pattern" if word in scenes.PATTERNS else "colour"
     mask = read(images[0])["mask"]
     strength = pattern_strength if attribute == "pattern" else saturation
     values = [strength(img, mask) for img in images[1:]]
     ok = not np.isnan(values).any()
-    row = {f"s@{c:g}": v for c, v in zip(FADER, values)}
-    return {"kind": "fader", "attribute": attribute, "word": word, "prompt": prompt, "seed": case.seed, **row,
-            **({"monotone": float(np.all(np.diff(values) >= 0))} if ok else {}), "images": images}
+    row = {f"s@{c:g}": v for c, v in zip(cs, values)}
+    return [{"kind": "fader", "attribute": attribute, "word": word, "prompt": s.prompt, "seed": s.seed, **row,
+             **({"monotone": float(np.all(np.diff(values) >= 0))} if ok else {}), "images": images}]
 
 
-def _assign(readings, scene: scenes.Scene) -> list[int]:
-    """For each thing of the scene, the index of the reading that best agrees on shape and colour."""
+def _assign(readings, things: list[dict]) -> list[int]:
+    """For each thing of the caption, the index of the reading that best agrees on shape and colour."""
     def score(r, t):
-        return (r.shape == t.shape) + (r.colour == t.colour)
-    return list(max(permutations(range(len(readings)), len(scene.things)),
-                    key=lambda p: sum(score(readings[i], t) for i, t in zip(p, scene.things))))
+        return (r.shape == t["shape"]) + (r.colour == t["colour"])
+    return list(max(permutations(range(len(readings)), len(things)),
+                    key=lambda p: sum(score(readings[i], t) for i, t in zip(p, things))))
 
 
-def measure_blend(pipe, case: PairCase, blend: bool, steps: int | None = None) -> dict:
-    """A colour swap of one object of a two-object scene, with local blend on its shape word or without: the
-    untouched object's PSNR (`psnr_other`, over its source mask grown by a pixel), the edit's success, and
-    the PSNR outside both objects."""
-    shape = case.scene.things[case.index].shape
-    s = EditSettings(case.prompt, (case.target,), blend=((shape,), (shape,)) if blend else (), seed=case.seed,
-                     steps=steps)
-    src_img, edit_img = run_edit(pipe, s, progress=False).images
+def score_blend(kind, s: EditSettings, scene, images) -> list[dict]:
+    """A colour swap of one object of two: the untouched object's PSNR (`psnr_other`, over its source mask grown
+    by a pixel), the edit's success, and the PSNR outside both objects."""
+    things, edited = parse_caption(s.prompt)[0], parse_caption(s.targets[0])[0]
+    index = next(i for i, (a, b) in enumerate(zip(things, edited)) if a["colour"] != b["colour"])
+    colour, shape = edited[index]["colour"], things[index]["shape"]
+    src_img, edit_img = images
     src, edit = judge(src_img, n_things=2), judge(edit_img, n_things=2)
-    row = {"kind": "blend", "method": "P2P + local blend" if blend else "P2P", "attribute": "colour",
-           "prompt": case.prompt, "target": case.target, "seed": case.seed,
-           "success": float(any(r.colour == case.colour and r.shape == shape for r in edit.things)),
+    row = {"kind": "blend", "method": "P2P + local blend" if s.blend else "P2P", "attribute": "colour",
+           "prompt": s.prompt, "target": s.targets[0], "seed": s.seed,
+           "success": float(any(r.colour == colour and r.shape == shape for r in edit.things)),
            "two_objects": float(len(src.things) == 2), "images": [src_img, edit_img]}
     if len(src.things) == 2:
-        other = src.things[_assign(src.things, case.scene)[1 - case.index]].mask
+        other = src.things[_assign(src.things, things)[1 - index]].mask
         row["psnr_other"] = psnr_in(src_img, edit_img, _dilate(other, 1))
         row["psnr_out"] = psnr_outside(src_img, edit_img, _dilate(src.things[0].mask | src.things[1].mask, 2))
-    return row
+    return [row]
 
 
-def measure_roundtrip(pipe, scene: scenes.Scene) -> dict:
-    """The VAE round trip D(E(x)) of the rendered scene: PSNR, and whether the judge reads every attribute
-    of every thing (and the background) right on it (`all_read`) and on the rendering itself (`clean_read`)."""
-    image, masks = scenes.render(scene)
-    (back,) = pipe.decode(encode_image(pipe, image))
+def score_roundtrip(kind, s: EditSettings, scene: scenes.Scene, images) -> list[dict]:
+    """The VAE round trip of a rendered scene: PSNR, and whether the judge reads every attribute of every thing
+    (and the background) right on it (`all_read`) and on the rendering itself (`clean_read`)."""
+    image, back = images
+    _, masks = scenes.render(scene)
 
     def all_right(img) -> float:
         r = judge(img, n_things=len(scene.things))
@@ -317,8 +408,56 @@ def measure_roundtrip(pipe, scene: scenes.Scene) -> dict:
         pairs = match(masks, [t.mask for t in r.things])
         return float(all(getattr(r.things[j], a) == getattr(scene.things[i], a)
                          for i, j in pairs for a in scenes.ATTRIBUTES))
-    return {"kind": "vae", "prompt": scenes.caption(scene), "psnr": min(psnr(image, back), PSNR_CAP),
-            "all_read": all_right(back), "clean_read": all_right(image), "images": [image, back]}
+    return [{"kind": "vae", "prompt": scenes.caption(scene), "psnr": min(psnr(image, back), PSNR_CAP),
+             "all_read": all_right(back), "clean_read": all_right(image), "images": [image, back]}]
+
+
+SCORES = {"plain": score_plain, "swaps": score_swaps, "refine": score_refine, "fader": score_fader,
+          "blend": score_blend, "vae": score_roundtrip}
+
+
+def score(job: EvalJob, images) -> list[dict]:
+    return SCORES[job.part](job.kind, job.settings, job.scene, images)
+
+
+# --- the measures: one call, one case, flat rows -------------------------------------------------------------
+
+def _measure(pipe, jobs: list[EvalJob]) -> list[dict]:
+    return [row for job in jobs for row in score(job, run_job(pipe, job))]
+
+
+def measure_plain(pipe, case: Case, steps: int | None = None) -> dict:
+    """Plain generation of the case's prompt (`score_plain`)."""
+    return _measure(pipe, jobs_plain(case, steps))[0]
+
+
+def measure_swaps(pipe, case: Case, method: str = "P2P", attributes=SWAPS, cross_replace: float = 0.8,
+                  steps: int | None = None) -> list[dict]:
+    """Word swaps of the case (one row per attribute), with Prompt-to-Prompt (`Replace`, this cross_replace,
+    the default self_replace) or the baseline (the prompts generated from the same seed, no control). The
+    swaps that share a source prompt run in one batch."""
+    return _measure(pipe, jobs_swaps(case, method, attributes, cross_replace, steps))
+
+
+def measure_refine(pipe, case: Case, method: str = "P2P", steps: int | None = None) -> dict:
+    """Refinement (`Refine`): the plain object of the scene gets the pattern word `case.pattern` added."""
+    return _measure(pipe, jobs_refine(case, method, steps))[0]
+
+
+def measure_fader(pipe, case: Case, attribute: str = "pattern", steps: int | None = None) -> dict:
+    """The fader (`Reweight`) of the object's pattern or colour word at each c of FADER (`score_fader`)."""
+    return _measure(pipe, jobs_fader(case, attribute, steps))[0]
+
+
+def measure_blend(pipe, case: PairCase, blend: bool, steps: int | None = None) -> dict:
+    """A colour swap of one object of a two-object scene, with local blend on its shape word or without
+    (`score_blend`)."""
+    return _measure(pipe, jobs_blend(case, blend, steps))[0]
+
+
+def measure_roundtrip(pipe, scene: scenes.Scene) -> dict:
+    """The VAE round trip D(E(x)) of the rendered scene (`score_roundtrip`)."""
+    return _measure(pipe, jobs_roundtrip(scene))[0]
 
 
 # --- the evaluation: every measure on every case, then averages per row kind ---------------------------------
@@ -326,52 +465,147 @@ def measure_roundtrip(pipe, scene: scenes.Scene) -> dict:
 PARTS = ("plain", "swaps", "refine", "fader", "blend", "vae")
 GROUP = ("kind", "method", "attribute", "cross_replace")  # what a row of the tables is
 TEXT = {"kind", "method", "attribute", "cross_replace", "prompt", "target", "word", "seed", "case", "images"}
+FIELDS = ("case", "kind", "method", "attribute", "cross_replace", "word", "prompt", "target", "seed", *ATTRIBUTES,
+          "all", "success", "kept", "two_objects", "iou", "shift", "psnr_other", "psnr_out",
+          *(f"s@{c:g}" for c in FADER), "monotone", "psnr", "all_read", "clean_read")  # the order of a row's keys
 
 
-def plan(pipe, n: int, seed: int = 0, parts=PARTS, steps: int | None = None) -> list[tuple[int, partial]]:
-    """(case index, measure) pairs: every measure of `parts` on n cases of each kind, case by case."""
+def plan(n: int, seed: int = 0, parts=PARTS, steps: int | None = None) -> list[tuple[int, EvalJob]]:
+    """(case index, job) pairs: every measure of `parts` on n cases of each kind, case by case."""
     jobs = []
     for k, case in enumerate(make_cases(n, seed)):
-        on = lambda f, *a: jobs.append((k, partial(f, pipe, case, *a, steps=steps)))  # noqa: E731 (bound now)
+        on = lambda js: jobs.extend((k, j) for j in js)  # noqa: E731
         if "plain" in parts:
-            on(measure_plain)
+            on(jobs_plain(case, steps, k))
         if "swaps" in parts:
-            on(measure_swaps, "P2P")
-            on(measure_swaps, "baseline")
-            on(measure_swaps, "P2P", ("shape",), SHAPE_CROSS)
+            on(jobs_swaps(case, "P2P", steps=steps, k=k))
+            on(jobs_swaps(case, "baseline", steps=steps, k=k))
+            on(jobs_swaps(case, "P2P", ("shape",), SHAPE_CROSS, steps, k))
         if "refine" in parts:
-            on(measure_refine, "P2P")
-            on(measure_refine, "baseline")
+            on(jobs_refine(case, "P2P", steps, k))
+            on(jobs_refine(case, "baseline", steps, k))
         if "fader" in parts:
-            on(measure_fader, "pattern")
-            on(measure_fader, "colour")
+            on(jobs_fader(case, "pattern", steps, k))
+            on(jobs_fader(case, "colour", steps, k))
     if "blend" in parts:
-        jobs += [(k, partial(measure_blend, pipe, case, b, steps=steps))
-                 for k, case in enumerate(make_pair_cases(n, seed)) for b in (False, True)]
+        jobs += [(k, j) for k, case in enumerate(make_pair_cases(n, seed)) for b in (False, True)
+                 for j in jobs_blend(case, b, steps, k)]
     if "vae" in parts:
-        jobs += [(k, partial(measure_roundtrip, pipe, s)) for k, (*_, s) in enumerate(scenes.sample(n, seed + 2))]
+        jobs += [(k, j) for k, (*_, s) in enumerate(scenes.sample(n, seed + 2)) for j in jobs_roundtrip(s, k)]
     return jobs
+
+
+def example_name(row: dict) -> str:
+    """examples/NAME.png of a row: its kind, method, attribute and cross_replace, and its case."""
+    name = "_".join(str(row[g]) for g in GROUP if row.get(g) is not None).replace(" ", "")
+    return f"{name}_{row['case']:03d}.png"
+
+
+def save_example(row: dict, images, examples: Path) -> None:
+    save_image(grid(images), examples / example_name(row), {"command": "eval", **_plain(row)})
 
 
 def evaluate(pipe, n: int = 48, seed: int = 0, parts=PARTS, steps: int | None = None, progress: bool = True,
              examples: Path | None = None) -> list[dict]:
-    """Run every measure of `parts` on n cases per row kind; the rows, each with the index of its case.
-    `examples`: also write each row's images (source, edit, ...) there as one sheet per row."""
+    """Run every measure of `parts` on n cases per row kind, in this process; the rows, each with the index of
+    its case. `examples`: also write each row's images (source, edit, ...) there as one sheet per row.
+    (`p2p eval` runs the same jobs as an experiment: `experiment_text`, `eval_rows`.)"""
     rows = []
-    for k, job in tqdm(plan(pipe, n, seed, parts, steps), desc="eval", disable=not progress):
-        out = job()
-        for row in out if isinstance(out, list) else [out]:
+    for k, job in tqdm(plan(n, seed, parts, steps), desc="eval", disable=not progress):
+        for row in score(job, run_job(pipe, job)):
             row = {"case": k, **row}
             images = row.pop("images", [])
             if examples is not None and images:
-                name = "_".join(str(row[g]) for g in GROUP if row.get(g) is not None).replace(" ", "")
-                save_image(grid(images), examples / f"{name}_{k:03d}.png", {"command": "eval", **_plain(row)})
+                save_example(row, images, examples)
             rows.append(row)
     return rows
 
 
 def _plain(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "images"}
+
+
+# --- the evaluation as an experiment (p2p/experiments/) ------------------------------------------------------
+
+def scene_table(scene: scenes.Scene) -> dict:
+    """A scene as a TOML table (an experiment's `scene` of a "vae" job)."""
+    return {"background": scene.background, "bg_kind": scene.bg_kind, "bg_seed": scene.bg_seed,
+            "things": [{f.name: getattr(t, f.name) for f in fields(t)} for t in scene.things]}
+
+
+def scene_from_table(d: dict) -> scenes.Scene:
+    """`scene_table` read back; a ValueError names what is wrong."""
+    try:
+        things = tuple(scenes.Thing(**t) for t in d["things"])
+        scene = scenes.Scene(things, d["background"], d["bg_kind"], int(d["bg_seed"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"a scene is a table {{ background, bg_kind, bg_seed, things = [{{ shape, colour, pattern, "
+                         f"size, cx, cy, r, angle }}, ...] }} ({type(e).__name__}: {e})") from None
+    allowed = {"shape": scenes.SHAPES, "colour": tuple(scenes.COLOURS), "pattern": scenes.PATTERNS,
+               "size": scenes.SIZES}
+    for t in things:
+        for a, values in allowed.items():
+            if getattr(t, a) not in values:
+                raise ValueError(f"a scene's {a} {getattr(t, a)!r} is none of {', '.join(values)}")
+    if scene.background not in scenes.COLOURS or scene.bg_kind not in scenes.BG_KINDS or not 1 <= len(things) <= 2:
+        raise ValueError("a scene has 1 or 2 things, a background among the colours and a bg_kind among "
+                         f"{', '.join(scenes.BG_KINDS)}")
+    return scene
+
+
+def _toml(value) -> str:
+    """A TOML value on one line (strings, numbers, booleans, lists, inline tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))  # the shortest text that reads back as the same float
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return "{ " + ", ".join(f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = {_toml(v)}"
+                            for k, v in value.items()) + " }"
+
+
+def experiment_text(n: int, seed: int = 0, parts=PARTS, steps: int | None = None, model: str = "embedded",
+                    tokenizer: str | None = None) -> str:
+    """The evaluation as an experiment file: the jobs of `plan`, in its order, one [[jobs]] table each (the
+    settings that differ from the defaults, `kind` for a generation or a round trip, `scene` for the latter),
+    measured by the eval_* measures of `parts` (p2p/experiments/measures.py)."""
+    default = EditSettings("").to_dict()
+    lines = [f"# p2p eval --n {n} --seed {seed} --parts {','.join(parts)}" + (f" --steps {steps}" if steps else ""),
+             "# its jobs, as p2p/world/evaluate.py: experiment_text writes them; `p2p eval` with these flags runs them",
+             "# and makes its tables; `p2p run` runs them as any experiment (the rows in results.jsonl, measures.eval)",
+             f"description = {_toml(f'p2p eval: {n} cases per row kind, seed {seed}')}", f"model = {_toml(model)}"]
+    lines += [f"tokenizer = {_toml(tokenizer)}"] if tokenizer else []
+    lines.append(f"measures = {_toml([f'eval_{p}' for p in PARTS if p in parts])}")
+    for _, job in plan(n, seed, parts, steps):
+        lines += ["", "[[jobs]]", f"label = {_toml(job.label)}"]
+        lines += [f"kind = {_toml(job.kind)}"] if job.kind != "edit" else []
+        lines += [f"{k} = {_toml(v)}" for k, v in job.settings.to_dict().items() if v != default[k] or k == "prompt"]
+        lines += [f"scene = {_toml(scene_table(job.scene))}"] if job.scene is not None else []
+    return "\n".join(lines) + "\n"
+
+
+def ordered(row: dict) -> dict:
+    """The row's keys in the order the scores write them (FIELDS; others after)."""
+    rank = {k: i for i, k in enumerate(FIELDS)}
+    return dict(sorted(row.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def eval_rows(results: list[dict]) -> list[dict]:
+    """The per-case rows of the eval_* measures in an experiment's result rows (results.jsonl), in its order,
+    each with its case (the first word of the job's label) and `images`, the paths of the images it read."""
+    rows = []
+    for r in results:
+        first = (r["axes"].get("job", "").split() or [""])[0]
+        for row in r["measures"].get("eval", []):
+            images = [r["images"][i] for i in row["images"]]
+            rows.append({**ordered({"case": int(first) if first.isdigit() else None, **_plain(row)}),
+                         "images": images})
+    return rows
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def check_targets(summary: list[dict]) -> list[dict]:
     for t in TARGETS:
         s, ref = _find(summary, t.key), _find(summary, t.ref) if t.ref else None
         value = s.get(t.measure) if s else None
-        bound = t.bound + ref[t.measure] if ref else t.bound if not t.ref else None
+        base = ref.get(t.measure) if ref else None  # a reference row may lack the measure (no object found)
+        bound = t.bound if not t.ref else t.bound + base if base is not None else None
         met = None
         if value is not None and bound is not None and not (math.isnan(value) or math.isnan(bound)):
             met = value >= bound if t.op == ">=" else value <= bound
@@ -151,8 +153,14 @@ def _clean(d: dict) -> dict:
 
 
 def save(rows: list[dict], summary: list[dict], out_dir: Path, **meta) -> None:
-    """eval.json (meta, the summary, the targets, the per-case rows) and eval.md (the tables) in out_dir."""
+    """eval.json (meta, the summary, the targets, the per-case rows) and eval.md (the tables) in out_dir, each
+    written whole."""
     d = {**meta, "summary": [_clean(s) for s in summary], "targets": [_clean(t) for t in check_targets(summary)],
          "rows": [_clean(r) for r in rows]}
-    (out_dir / "eval.json").write_text(json.dumps(d, indent=1) + "\n")
-    (out_dir / "eval.md").write_text(tables(summary))
+    for name, text in (("eval.json", json.dumps(d, indent=1) + "\n"), ("eval.md", tables(summary))):
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # written whole: a temporary name, renamed when written
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, out_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
