@@ -7,16 +7,26 @@ holding the same weights.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from models import clip as ours_clip, tokenizer as ours_tokenizer, unet as ours_unet, vae as ours_vae
+from models.ddim import DDIMConfig
 from models.presets import PRESETS, ModelConfig
 from p2p.core.pipeline import Pipeline
 
 SD_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_sd2(prediction: str = "epsilon", upcast: bool = True) -> ModelConfig:
+    """tiny-sd2 predicting `prediction` ("epsilon" or "v_prediction"); upcast=False for float64 runs, where diffusers'
+    upcast_attention would compute Q K^T in float32 (it casts q and k to float32, whatever their dtype)."""
+    cfg = PRESETS["tiny-sd2"]
+    return replace(cfg, ddim=DDIMConfig(prediction_type=prediction), unet=replace(cfg.unet, upcast_attention=upcast))
 
 
 def reference_unet(cfg) -> UNet2DConditionModel:
