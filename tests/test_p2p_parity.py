@@ -30,7 +30,7 @@ from p2p.core.run import run_edit
 from p2p.core.settings import EditSettings
 from p2p.core.sites import SiteSelection, p2p_defaults
 from tests import reference_p2p as R
-from tests.tiny import reference_pipeline, reference_xl_pipeline, tiny_sd2
+from tests.tiny import reference_pipeline, reference_xl_pipeline, save_folder, tiny_sd2
 
 STEPS = 10
 
@@ -79,8 +79,7 @@ def pair(request, clip_vocab_dir, tmp_path_factory):
         ref = reference_xl_pipeline(clip_vocab_dir, cfg=fam.cfg)
     else:
         ref = reference_pipeline(clip_vocab_dir, cfg=fam.cfg)
-    path = tmp_path_factory.mktemp(f"tiny_{request.param}")
-    ref.save_pretrained(path, safe_serialization=True)
+    path = save_folder(ref, tmp_path_factory.mktemp(f"tiny_{request.param}"))
     ours = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float64)
     assert ours.cfg.family == fam.cfg.family and ours.cfg.ddim.prediction_type == fam.cfg.ddim.prediction_type
     assert p2p_defaults(ours.cfg) == p2p_defaults(fam.cfg)
