@@ -23,6 +23,8 @@ images. It follows THEIR code, quirks included, with these deliberate difference
   (`mapper[j, j] = 1` after the last swapped word), which misaligns every later token when a swapped word changes its
   token count.
 * `text2image` restores the UNet's previous attention processors when it returns (the authors leave theirs installed).
+* SDXL (not in the authors' code): `text2image_xl` is the same loop conditioned as diffusers' SDXL pipeline, and
+  `LocalBlendXL` reads the mid block's maps too, as RoyiRa's SDXL port does.
 * Robustness only (same results wherever the authors' code runs): `get_equalizer` assigns token by token (the stable
   notebook's `equalizer[:, inds] = values` crashes for a multi-token word with several values); numbers given as ints
   are accepted where the authors test `type(x) is float`; the caller's `cross_replace_steps` dict is not mutated;
@@ -454,6 +456,17 @@ class LocalBlend:
         return x_t[:1] + mask * (x_t - x_t[:1])
 
 
+class LocalBlendXL(LocalBlend):
+    """The authors' LocalBlend reading the cross maps of down, mid and up at the latent/4 level: on SDXL the mid block
+    is at that level too (32x32 at 1024 px), and RoyiRa's SDXL port (sd2-sdxl.md §6.1) reads it with the others."""
+
+    @classmethod
+    def select_maps(cls, attention_store, latent_hw):
+        rh, rw = cls.map_resolution(latent_hw)
+        return [m for key in ("down_cross", "mid_cross", "up_cross") for m in attention_store[key]
+                if m.shape[1] == rh * rw]
+
+
 class AttentionControlEdit(AttentionStore, abc.ABC):
     """The authors' editing engine. Prompt 0 is the source, prompts 1..B-1 the edits.
 
@@ -708,6 +721,38 @@ def text2image(pipe, prompts: Sequence[str], controller, *, num_steps: int, guid
         images = latent2image(vae, latents)
     finally:
         unet.set_attn_processor(dict(previous))  # (set_attn_processor empties the dict it is given)
+    return images, (trajectory if return_latents else None)
+
+
+@torch.no_grad()
+def text2image_xl(pipe, prompts: Sequence[str], controller, *, num_steps: int, guidance_scale: float, seed: int,
+                  height: int, width: int, scheduler=None, return_latents: bool = False):
+    """`text2image` on a diffusers `StableDiffusionXLPipeline`: conditioning by diffusers' `encode_prompt` (both towers,
+    the pooled vector, zeros for the empty negative prompt), the UNet given the pooled vectors and the time ids of the
+    image size (crop (0, 0)), DDIM as SD samples. Same arguments and returns as `text2image`."""
+    unet = pipe.unet
+    previous = register_attention_control(unet, controller)
+    try:
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(list(prompts), device=unet.device,
+                                                                 num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=True)
+        context = torch.cat([uncond, cond]).to(unet.dtype)
+        added = {"text_embeds": torch.cat([uncond_pooled, pooled]).to(unet.dtype),
+                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=unet.dtype,
+                                          device=unet.device).repeat(2 * len(prompts), 1)}
+        _, latents = init_latent(None, unet, height, width, seed, len(prompts), pipe.vae_scale_factor)
+        scheduler = scheduler if scheduler is not None else DDIMScheduler(**SD_V1_DDIM)
+        scheduler.set_timesteps(num_steps)
+        trajectory = [latents]
+        for t in scheduler.timesteps:
+            eps_u, eps_c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context,
+                                added_cond_kwargs=added).sample.chunk(2)
+            latents = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, latents, eta=0.0).prev_sample
+            latents = controller.step_callback(latents)
+            trajectory.append(latents)
+        images = latent2image(pipe.vae, latents)
+    finally:
+        unet.set_attn_processor(dict(previous))
     return images, (trajectory if return_latents else None)
 
 

@@ -22,8 +22,7 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMTe
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import (UNET_RESNET_RENAMES, VAE_RENAMES, CheckpointError, load_module, rename, split_prefix,
-                               unet_prefixes, vae_from_diffusers, vae_prefixes)
+from models.checkpoint import CheckpointError, load_module, split_prefix, vae_from_diffusers
 from models.ldmbert import LDMBertConfig, LDMBertModel
 from models.presets import PRESETS
 from models.unet import UNet
@@ -31,13 +30,13 @@ from models.vae import AutoencoderKL
 from p2p.cli import main as cli
 from p2p.core.sites import P2PDefaults, p2p_defaults
 from p2p.files.convert import convert
-from p2p.files.loading import read_model, split_single_file
+from p2p.files.loading import read_model
 from p2p.core.pipeline import Pipeline
-from tests.tiny import reference_unet, reference_vae
+from tests.tiny import (compvis_unet_vae, fixture_keys, load_single_file_on_meta, meta, reference_pipeline,
+                        reference_unet, reference_vae, sd_betas, unet_err, update_json)
 
 TOL = 1e-4  # fp32 max abs error on network outputs
 TINY = PRESETS["tiny-ldm"]
-FIXTURES = Path(__file__).parent / "fixtures"
 FAST = ["--steps", "4", "--device", "cpu", "--quiet"]
 PROMPT, TARGET = "a painting of a squirrel eating a burger", "a painting of a lion eating a burger"
 # diffusers' own LDM pipeline test scheduler (tests/pipelines/latent_diffusion/test_latent_diffusion.py)
@@ -336,17 +335,10 @@ def ldmbert_to_compvis(key: str) -> str:
 def to_compvis(ref: LDMTextToImagePipeline, cfg=TINY) -> dict:
     """A CompVis LDM state_dict of the reference (UNet and VAE by inverting our tables, checked against
     diffusers' converters in the test; LDMBert by the reference table above)."""
-    up = {v: k for k, v in unet_prefixes(cfg.unet).items()}
-    us = {v: k for k, v in UNET_RESNET_RENAMES.items()}
-    vp = {v: k for k, v in vae_prefixes(len(cfg.vae.block_out_channels)).items()}
-    vs = {v: k for k, v in VAE_RENAMES.items()}
-    sd = {"model.diffusion_model." + rename(k, up, us): v for k, v in ref.unet.state_dict().items()}
-    for k, v in ref.vqvae.state_dict().items():
-        k = rename(k, vp, vs)
-        sd["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    sd = compvis_unet_vae(ref.unet, ref.vqvae, cfg)
     for k, v in ref.bert.state_dict().items():
         sd["cond_stage_model.transformer." + ldmbert_to_compvis(k)] = v
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = sd_betas(torch.float64)
     sd.update(betas=betas, alphas_cumprod=torch.cumprod(1 - betas, 0))  # two of the DDPM buffers
     return {k: v.clone().contiguous() for k, v in sd.items()}
 
@@ -395,25 +387,13 @@ def test_compvis_single_file_converted(ref, ckpt, bert_vocab_dir, tmp_path, caps
 
 def test_real_ldm_layouts_are_consumed_completely():
     """The key lists of the real model.ckpt and of the hub folder (tests/fixtures, from the original code)."""
-    def fixture(name):
-        d = json.loads((FIXTURES / name).read_text())
-        d.pop("_meta")
-        return d
-
-    def meta(keys_shapes):
-        return {k: torch.empty(s, device="meta") for k, s in keys_shapes.items()}
-
     cfg = PRESETS["ldm"]
-    single, folder = fixture("ldm_single_file_keys.json"), fixture("ldm_diffusers_keys.json")
+    single, folder = fixture_keys("ldm_single_file_keys.json"), fixture_keys("ldm_diffusers_keys.json")
     # the x-transformers names go where the reference table puts them, at the shapes of the hub's bert/
     text = {k: v for k, v in single.items() if k.startswith("cond_stage_model.transformer.")}
     renamed = {ldmbert_to_compvis(k): v for k, v in folder["bert"].items()}
     assert renamed == split_prefix(text, "cond_stage_model.transformer.")
-    sds = split_single_file(meta(single), cfg)
-    with torch.device("meta"):
-        modules = {"unet": UNet(cfg.unet), "vae": AutoencoderKL(cfg.vae), "text": LDMBertModel(cfg.text)}
-    for name, module in modules.items():
-        load_module(module, sds[name], name)  # raises on any missing, unexpected or mis-shaped key
+    modules = load_single_file_on_meta(single, cfg, LDMBertModel)
     for name, keys in (("unet", folder["unet"]), ("vae", folder["vqvae"]), ("vae", folder["vqvae_new_names"]),
                        ("text", folder["bert"])):
         load_module(modules[name], vae_from_diffusers(meta(keys)) if name == "vae" else meta(keys), name)
@@ -423,7 +403,6 @@ def test_real_ldm_layouts_are_consumed_completely():
 
 def test_sd_v1_pickles_convert(clip_vocab_dir, tmp_path):
     from tests.test_loading import to_compvis as sd_to_compvis
-    from tests.tiny import reference_pipeline
 
     ref = reference_pipeline(clip_vocab_dir)
     src = tmp_path / "sd"
@@ -437,12 +416,11 @@ def test_sd_v1_pickles_convert(clip_vocab_dir, tmp_path):
     from_folder = convert(src, tmp_path / "a")
     from_file = convert(ckpt, tmp_path / "b", tokenizer=clip_vocab_dir / "vocab.json", config="tiny")
     z_t, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
-    with torch.no_grad():
-        expected = ref.unet(z_t, 981, encoder_hidden_states=ctx).sample
-        for path in (from_folder, from_file):
-            assert not list(path.rglob("*.bin"))
-            pipe = Pipeline.from_pretrained(path, device="cpu")
-            assert (pipe.unet(z_t, 981, ctx) - expected).abs().max().item() <= TOL
+    for path in (from_folder, from_file):
+        assert not list(path.rglob("*.bin"))
+        pipe = Pipeline.from_pretrained(path, device="cpu")
+        assert unet_err(pipe, ref, z_t, ctx) <= TOL
+        with torch.no_grad():
             ids = pipe.tokenizer.encode(["a cat"])
             assert (pipe.text_encoder(ids) - ref.text_encoder(ids).last_hidden_state).abs().max().item() <= TOL
 
@@ -513,8 +491,7 @@ def test_folders_of_neither_family_are_named(tmp_path, capsys, layout, message):
 def test_text_width_mismatch_is_named(converted, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(converted, bad)
-    cfg = json.loads((bad / "bert" / "config.json").read_text())
-    (bad / "bert" / "config.json").write_text(json.dumps({**cfg, "d_model": 64}))
+    update_json(bad / "bert" / "config.json", d_model=64)
     with pytest.raises(CheckpointError, match="cross-attends to width 32 but the text encoder is 64 wide"):
         read_model(bad)
 

@@ -3,54 +3,32 @@
 The CompVis key mapping is checked against diffusers' own converters (`convert_ldm_*_checkpoint`), and
 the real files' key/shape lists (tests/fixtures, produced from the original code) must load completely.
 """
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import (UNET_RESNET_RENAMES, VAE_RENAMES, CheckpointError, load_module, read_tensors, rename,
-                               split_prefix, unet_from_compvis, unet_prefixes, vae_from_compvis, vae_from_diffusers,
-                               vae_prefixes)
+from models.checkpoint import (CheckpointError, load_module, read_tensors, split_prefix, unet_from_compvis,
+                               vae_from_compvis, vae_from_diffusers)
 from models.clip import CLIPTextModel
 from models.presets import PRESETS
 from models.unet import UNet
 from models.vae import AutoencoderKL
 from p2p.files.loading import split_single_file
 from p2p.core.pipeline import Pipeline
-from tests.tiny import reference_pipeline, reference_unet, reference_vae
+from tests.tiny import (compvis_unet_vae, decode_err, fixture_keys, load_single_file_on_meta, meta, reference_pipeline,
+                        reference_unet, reference_vae, save_folder, sd_betas, unet_err)
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TINY = PRESETS["tiny"]
 
 
-def fixture(name):
-    d = json.loads((FIXTURES / name).read_text())
-    d.pop("_meta")
-    return d
-
-
-def meta(keys_shapes):
-    return {k: torch.empty(s, device="meta") for k, s in keys_shapes.items()}
-
-
-def inverse(prefixes, subkeys):
-    return {v: k for k, v in prefixes.items()}, {v: k for k, v in subkeys.items()}
-
-
 def to_compvis(ref) -> dict:
-    """A CompVis single file of a diffusers pipeline, by inverting our tables (checked against diffusers below)."""
-    up, us = inverse(unet_prefixes(TINY.unet), UNET_RESNET_RENAMES)
-    vp, vs = inverse(vae_prefixes(len(TINY.vae.block_out_channels)), VAE_RENAMES)
-    sd = {"model.diffusion_model." + rename(k, up, us): v for k, v in ref.unet.state_dict().items()}
-    for k, v in ref.vae.state_dict().items():
-        k = rename(k, vp, vs)
-        sd["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    """A CompVis single file of a diffusers SD v1 pipeline (UNet and VAE by our inverted tables, checked against
+    diffusers below; the text encoder as transformers names it, under cond_stage_model.transformer.)."""
+    sd = compvis_unet_vae(ref.unet, ref.vae, TINY)
     for k, v in ref.text_encoder.state_dict().items():
         sd["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")] = v
-    sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    sd["betas"] = sd_betas()
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -64,12 +42,6 @@ def single_file(ref, tmp_path_factory):
     path = tmp_path_factory.mktemp("single") / "tiny-sd.safetensors"
     save_file(to_compvis(ref), str(path))
     return path
-
-
-def unet_err(ours: Pipeline, ref) -> float:
-    z_t, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
-    with torch.no_grad():
-        return (ours.unet(z_t, 981, ctx) - ref.unet(z_t, 981, encoder_hidden_states=ctx).sample).abs().max().item()
 
 
 def test_compvis_file_is_what_diffusers_converts(ref, single_file):
@@ -86,9 +58,8 @@ def test_compvis_file_is_what_diffusers_converts(ref, single_file):
 def test_single_file_loads_and_matches(ref, single_file, clip_vocab_dir):
     pipe = Pipeline.from_pretrained(single_file, tokenizer=clip_vocab_dir, config="tiny", device="cpu")
     assert unet_err(pipe, ref) <= 1e-4
-    z = torch.randn(1, 4, 8, 8)
+    assert decode_err(pipe, ref, torch.randn(1, 4, 8, 8)) <= 1e-4
     with torch.no_grad():
-        assert (pipe.vae.decode(z) - ref.vae.decode(z / 0.18215).sample).abs().max() <= 1e-4
         ids = pipe.tokenizer.encode(["a cat"])
         assert (pipe.text_encoder(ids) - ref.text_encoder(ids).last_hidden_state).abs().max() <= 1e-4
 
@@ -114,7 +85,7 @@ def test_full_ema_file_takes_the_ema_weights(ref, single_file, clip_vocab_dir, t
 
 
 def test_diffusers_folder_old_vae_names_and_fp16_variant(ref, tmp_path):
-    ref.save_pretrained(tmp_path, safe_serialization=True)
+    save_folder(ref, tmp_path)
     vae_file = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     sd = load_file(str(vae_file))
@@ -132,9 +103,7 @@ def test_diffusers_folder_old_vae_names_and_fp16_variant(ref, tmp_path):
 
     pipe = Pipeline.from_pretrained(tmp_path, device="cpu")
     assert unet_err(pipe, ref) <= 1e-4
-    z = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        assert (pipe.vae.decode(z) - ref.vae.decode(z / 0.18215).sample).abs().max() <= 1e-4
+    assert decode_err(pipe, ref, torch.randn(1, 4, 8, 8)) <= 1e-4
     fp16 = Pipeline.from_pretrained(tmp_path, device="cpu", variant="fp16", dtype="float32")
     assert fp16.dtype == torch.float32
     assert torch.equal(fp16.unet.conv_in.weight, half["conv_in.weight"].float())
@@ -144,17 +113,13 @@ def test_diffusers_folder_old_vae_names_and_fp16_variant(ref, tmp_path):
 # --- the real files' layouts (fixtures from the original code) --------------------------------------
 
 def test_real_sd_v1_single_file_is_consumed_completely():
-    keys = fixture("sd_v1_single_file_keys.json")
+    keys = fixture_keys("sd_v1_single_file_keys.json")
     assert len(keys) == 1145
-    sds = split_single_file(meta(keys), PRESETS["sd-v1"])
-    cfg = PRESETS["sd-v1"]
-    with torch.device("meta"):
-        for module, name in ((UNet(cfg.unet), "unet"), (AutoencoderKL(cfg.vae), "vae"), (CLIPTextModel(cfg.text), "text")):
-            load_module(module, sds[name], name)  # raises on any missing, unexpected or mis-shaped key
+    load_single_file_on_meta(keys, PRESETS["sd-v1"], CLIPTextModel)
 
 
 def test_real_sd_v1_diffusers_folder_is_consumed_completely():
-    keys = fixture("sd_v1_diffusers_keys.json")
+    keys = fixture_keys("sd_v1_diffusers_keys.json")
     cfg = PRESETS["sd-v1"]
     with torch.device("meta"):
         load_module(UNet(cfg.unet), meta(keys["unet"]), "UNet")
@@ -165,7 +130,7 @@ def test_real_sd_v1_diffusers_folder_is_consumed_completely():
 
 def test_our_compvis_mapping_equals_diffusers_on_the_real_layout():
     """Every one of the 686 + 248 real CompVis keys goes where diffusers' converters put it."""
-    keys = fixture("sd_v1_single_file_keys.json")
+    keys = fixture_keys("sd_v1_single_file_keys.json")
     tagged = {k: torch.tensor([float(i)]) for i, k in enumerate(keys)}  # a tensor that names its key
     ours = {"unet": unet_from_compvis(split_prefix(tagged, "model.diffusion_model."), PRESETS["sd-v1"].unet),
             "vae": vae_from_compvis(split_prefix(tagged, "first_stage_model."), 4)}
@@ -180,7 +145,7 @@ def test_our_compvis_mapping_equals_diffusers_on_the_real_layout():
 # --- bad input --------------------------------------------------------------------------------------
 
 def sd_like(**changes):
-    keys = fixture("sd_v1_single_file_keys.json")
+    keys = fixture_keys("sd_v1_single_file_keys.json")
     keys.update(changes)
     return meta({k: v for k, v in keys.items() if v is not None})
 
@@ -246,7 +211,7 @@ def test_folder_errors(ref, tmp_path):
     with pytest.raises(CheckpointError, match="not a diffusers Stable Diffusion v1 folder: missing text_encoder/"):
         (tmp_path / "unet").mkdir(), (tmp_path / "vae").mkdir()
         Pipeline.from_pretrained(tmp_path, device="cpu")
-    ref.save_pretrained(tmp_path / "sd", safe_serialization=True)
+    save_folder(ref, tmp_path / "sd")
     (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights in .*unet: expected one of diffusion_pytorch_model.safetensors"):
         Pipeline.from_pretrained(tmp_path / "sd", device="cpu")

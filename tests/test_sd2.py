@@ -14,17 +14,16 @@ from transformers import CLIPTextModel as RefCLIP
 from transformers import CLIPTokenizer as RefTokenizer
 
 from models.clip import CLIPTextModel
-from models.ddim import DDIMConfig
 from models.presets import PRESETS
 from models.tokenizer import CLIPTokenizer, OpenCLIPTokenizer
 from models.unet import UNet
 from models.vae import AutoencoderKL
 from p2p.core.pipeline import Pipeline
-from tests.tiny import reference_pipeline, reference_unet, reference_vae
+from tests.tiny import (compvis_unet_vae, decode_err, fixture_keys, load_single_file_on_meta, meta, reference_pipeline,
+                        reference_unet, reference_vae, save_folder, sd_betas, tiny_sd2, unet_err, update_json)
 
 TOL = 1e-4
 TINY = PRESETS["tiny-sd2"]
-TINY_V = replace(TINY, ddim=DDIMConfig(prediction_type="v_prediction"))
 PROMPTS = ["a photograph of an astronaut riding a horse", "", "an oil painting of a lighthouse at dusk, dramatic sky"]
 
 
@@ -178,11 +177,8 @@ def test_exclamation_mark_is_a_token_as_open_clip_encodes_it(clip_vocab_dir):
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
 def folder(request, clip_vocab_dir, tmp_path_factory):
-    cfg = TINY if request.param == "epsilon" else TINY_V
-    ref = reference_pipeline(clip_vocab_dir, cfg=cfg)
-    path = tmp_path_factory.mktemp(f"tiny_sd2_{request.param}")
-    ref.save_pretrained(path, safe_serialization=True)
-    return ref, path, request.param
+    ref = reference_pipeline(clip_vocab_dir, cfg=tiny_sd2(request.param))
+    return ref, save_folder(ref, tmp_path_factory.mktemp(f"tiny_sd2_{request.param}")), request.param
 
 
 @pytest.mark.parametrize("kw", [
@@ -212,47 +208,29 @@ def test_seeded_generation_equals_diffusers(folder, kw):
 # --- loading: the real layouts, a single file in open_clip's layout, errors -------------------------------
 
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,  # noqa: E402
                                                  convert_open_clip_checkpoint)
 from safetensors.torch import save_file  # noqa: E402
 
-from models.checkpoint import (CheckpointError, UNET_RESNET_RENAMES, VAE_RENAMES, clip_from_open_clip,  # noqa: E402
-                               load_module, rename, split_prefix, unet_from_compvis, unet_prefixes, vae_from_diffusers,
-                               vae_prefixes)
+from models.checkpoint import (CheckpointError, clip_from_open_clip, load_module, split_prefix,  # noqa: E402
+                               unet_from_compvis, vae_from_diffusers)
 from p2p.cli import main as cli  # noqa: E402
 from p2p.files.loading import split_single_file  # noqa: E402
 from tests.open_clip_ref import open_clip_modules, sd2_text_states  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
 SD2 = PRESETS["sd2"]
 
 
-def fixture(name):
-    d = json.loads((FIXTURES / name).read_text())
-    d.pop("_meta")
-    return d
-
-
-def meta(keys_shapes):
-    return {k: torch.empty(s, device="meta") for k, s in keys_shapes.items()}
-
-
 def test_real_sd2_single_file_is_consumed_completely():
-    keys = fixture("sd2_single_file_keys.json")
+    keys = fixture_keys("sd2_single_file_keys.json")
     assert len(keys) == 1242  # UNet 686 + VAE 248 + open_clip 294 + DDPM 12 + model_ema 2 (byte-exact, see _meta)
     for name in ("sd2", "sd2-base"):
-        cfg = PRESETS[name]
-        sds = split_single_file(meta(keys), cfg)
-        with torch.device("meta"):
-            for module, part in ((UNet(cfg.unet), "unet"), (AutoencoderKL(cfg.vae), "vae"),
-                                 (CLIPTextModel(cfg.text), "text")):
-                load_module(module, sds[part], part)
+        load_single_file_on_meta(keys, PRESETS[name], CLIPTextModel)
 
 
 def test_real_sd2_diffusers_folder_is_consumed_completely():
-    keys = fixture("sd2_diffusers_keys.json")
+    keys = fixture_keys("sd2_diffusers_keys.json")
     with torch.device("meta"):
         load_module(UNet(SD2.unet), meta(keys["unet"]), "UNet")
         load_module(AutoencoderKL(SD2.vae), vae_from_diffusers(meta(keys["vae"])), "VAE")
@@ -262,7 +240,7 @@ def test_real_sd2_diffusers_folder_is_consumed_completely():
 def test_our_sd2_mapping_equals_diffusers_on_the_real_layout():
     """Every real UNet key goes where convert_ldm_unet_checkpoint puts it, every open_clip key where
     convert_open_clip_checkpoint does (q/k/v split rows included), block 23 and the projection dropped."""
-    keys = fixture("sd2_single_file_keys.json")
+    keys = fixture_keys("sd2_single_file_keys.json")
     full = ("in_proj", "text_projection")  # tensors whose values (split rows) or shape (its width) matter
     tagged = {k: torch.arange(float(i), i + torch.Size(s).numel()).reshape(s) if len(s) <= 1 or k.endswith(full)
               or "in_proj" in k else torch.tensor([float(i)]) for i, (k, s) in enumerate(keys.items())}
@@ -294,17 +272,10 @@ def tiny_single_file(clip_vocab_dir, tmp_path_factory):
     torch.manual_seed(1)
     tower = oc[0].TextTransformer(context_length=77, vocab_size=49408, width=32, heads=4, layers=3, mlp_ratio=2,
                                   output_dim=32).eval()
-    up = {v: k for k, v in unet_prefixes(TINY.unet).items()}
-    us = {v: k for k, v in UNET_RESNET_RENAMES.items()}
-    vp = {v: k for k, v in vae_prefixes(len(TINY.vae.block_out_channels)).items()}
-    vs = {v: k for k, v in VAE_RENAMES.items()}
-    sd = {"model.diffusion_model." + rename(k, up, us): v for k, v in ref.unet.state_dict().items()}
-    for k, v in ref.vae.state_dict().items():
-        k = rename(k, vp, vs)
-        sd["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    sd = compvis_unet_vae(ref.unet, ref.vae, TINY)
     sd.update({"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()})
     sd["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
-    sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    sd["betas"] = sd_betas()
     assert convert_ldm_unet_checkpoint(sd, dict(ref.unet.config)).keys() == ref.unet.state_dict().keys()
     path = tmp_path_factory.mktemp("sd2_single") / "tiny-sd2-512.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
@@ -319,9 +290,8 @@ def test_tiny_single_file_matches_diffusers_and_open_clip(tiny_single_file, clip
     # 16x16: at 8x8 the mid block's GroupNorm sees 1x1 maps, 2 values per group, and amplifies float rounding
     z_t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
     ids = pipe.tokenizer.encode(PROMPTS)
+    assert unet_err(pipe, ref, z_t, ctx) <= TOL and decode_err(pipe, ref, z_t) <= TOL
     with torch.no_grad():
-        assert (pipe.unet(z_t, 981, ctx) - ref.unet(z_t, 981, encoder_hidden_states=ctx).sample).abs().max() <= TOL
-        assert (pipe.vae.decode(z_t) - ref.vae.decode(z_t / 0.18215).sample).abs().max() <= TOL
         # open_clip's own forward, cut after the penultimate block and layer-normed as SD 2 does
         assert (pipe.text_encoder(ids) - sd2_text_states(tower, ids)).abs().max() <= TOL
 
@@ -340,7 +310,7 @@ def test_sd2_file_read_as_sd_v1_and_the_reverse(tiny_single_file, clip_vocab_dir
     with pytest.raises(CheckpointError, match="is a Stable Diffusion 2.x checkpoint but is being read with a "
                                               "'sd-v1' config"):
         Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny", device="cpu")
-    v1 = fixture("sd_v1_single_file_keys.json")
+    v1 = fixture_keys("sd_v1_single_file_keys.json")
     with pytest.raises(CheckpointError, match="is a Stable Diffusion v1 checkpoint but is being read with a "
                                               "'sd-v2' config"):
         split_single_file(meta(v1), SD2)
@@ -363,21 +333,17 @@ def test_sd2_single_file_size_comes_from_the_name_or_the_config(tiny_single_file
 def test_v_model_with_an_eps_scheduler_config(clip_vocab_dir, tmp_path):
     """A 768 px SD 2 folder (unet sample_size 96) whose scheduler says epsilon (as early 2.0 configs lacked
     prediction_type): one error naming the fix; `p2p generate` prints it as one line."""
-    ref = reference_pipeline(clip_vocab_dir, cfg=TINY)
-    ref.save_pretrained(tmp_path, safe_serialization=True)
-    unet_json = tmp_path / "unet" / "config.json"
-    unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": 96}))
+    save_folder(reference_pipeline(clip_vocab_dir, cfg=TINY), tmp_path)
+    update_json(tmp_path / "unet" / "config.json", sample_size=96)
     with pytest.raises(CheckpointError, match="prediction_type 'epsilon', but a 768 px Stable Diffusion 2.x model "
                                               "predicts 'v_prediction'.*\"prediction_type\": \"v_prediction\""):
         Pipeline.from_pretrained(tmp_path, device="cpu")
 
 
 def test_cli_prints_one_line(clip_vocab_dir, tmp_path, capsys):
-    ref = reference_pipeline(clip_vocab_dir, cfg=TINY)
-    ref.save_pretrained(tmp_path / "m", safe_serialization=True)
+    save_folder(reference_pipeline(clip_vocab_dir, cfg=TINY), tmp_path / "m")
     sched = tmp_path / "m" / "scheduler" / "scheduler_config.json"
-    unet_json = tmp_path / "m" / "unet" / "config.json"
-    unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": 96}))
+    update_json(tmp_path / "m" / "unet" / "config.json", sample_size=96)
     assert json.loads(sched.read_text())["prediction_type"] == "epsilon"
     capsys.readouterr()  # diffusers' progress bars while saving
     assert cli(["generate", "--model", str(tmp_path / "m"), "--prompt", "a cat", "--steps", "1", "--device", "cpu",
@@ -433,9 +399,7 @@ def test_convert_single_file_to_a_folder_that_loads_as_sd2(tiny_single_file, cli
     pipe = Pipeline.from_pretrained(out, device="cpu")
     assert pipe.cfg == Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny-sd2", device="cpu").cfg
     assert pipe.cfg.family == "sd-v2" and isinstance(pipe.tokenizer, OpenCLIPTokenizer)
-    z_t, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
-    with torch.no_grad():
-        assert (pipe.unet(z_t, 500, ctx) - ref.unet(z_t, 500, encoder_hidden_states=ctx).sample).abs().max() <= TOL
+    assert unet_err(pipe, ref, torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), t=500) <= TOL
 
 
 def test_fp16_variant_and_dtypes(folder_eps, tmp_path):
@@ -459,9 +423,7 @@ def test_fp16_variant_and_dtypes(folder_eps, tmp_path):
 @pytest.fixture(scope="module")
 def folder_eps(clip_vocab_dir, tmp_path_factory):
     ref = reference_pipeline(clip_vocab_dir, cfg=TINY)
-    path = tmp_path_factory.mktemp("tiny_sd2_variant")
-    ref.save_pretrained(path, safe_serialization=True)
-    return ref, path
+    return ref, save_folder(ref, tmp_path_factory.mktemp("tiny_sd2_variant"))
 
 
 def test_folder_without_scheduler_config_takes_the_preset_of_its_size(folder_eps, tmp_path):
@@ -473,6 +435,5 @@ def test_folder_without_scheduler_config_takes_the_preset_of_its_size(folder_eps
     shutil.copytree(path, copy)
     shutil.rmtree(copy / "scheduler")
     for side, prediction in ((64, "epsilon"), (96, "v_prediction"), (8, "v_prediction")):
-        unet_json = copy / "unet" / "config.json"
-        unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": side}))
+        update_json(copy / "unet" / "config.json", sample_size=side)
         assert Pipeline.from_pretrained(copy, device="cpu").cfg.ddim.prediction_type == prediction

@@ -1,118 +1,33 @@
-"""Prompt-to-Prompt and inversion on Stable Diffusion 2.x (the tiny-sd2 preset: per-level heads, linear projections,
-OpenCLIP padding), for eps and v prediction.
+"""Inversion on Stable Diffusion 2.x with a v-prediction model (the tiny-sd2 preset: per-level heads, linear
+projections, OpenCLIP padding), checked as in tests/test_inversion.py: the first inversion step by hand, and
+reconstruction of the four methods.
 
-Edits are compared with the authors' controllers run over diffusers' attention processors (tests/reference_p2p.py)
-on the same weights and seed, in float64 as in tests/test_p2p_parity.py; the reference samples with diffusers'
-DDIMScheduler configured with the model's prediction type. Inversion is checked as in tests/test_inversion.py,
-with a v-prediction model: the first inversion step by hand, and reconstruction of the four methods.
+The SD 2 edits (eps and v prediction) are compared with the authors' controllers in tests/test_p2p_parity.py.
 """
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
-from models.ddim import DDIMConfig
 from models.presets import PRESETS
 from models.tokenizer import OpenCLIPTokenizer
 from p2p.core.inversion import invert, reconstruct
 from p2p.core.pipeline import Pipeline
 from p2p.core.run import run_edit
 from p2p.core.settings import EditSettings
-from p2p.core.sites import SiteSelection
 from p2p.files.images import encode_image
 from p2p.world import scenes
-from tests import reference_p2p as R
-from tests.tiny import reference_pipeline
+from tests.tiny import tiny_sd2
 
 STEPS = 10
 TINY = PRESETS["tiny-sd2"]
 
 
-def tiny(prediction, upcast=True):
-    """tiny-sd2 with `prediction`; upcast=False for float64 runs, where diffusers' upcast_attention would compute
-    Q K^T in float32 (it casts q and k to float32, whatever their dtype)."""
-    return replace(TINY, ddim=DDIMConfig(prediction_type=prediction), unet=replace(TINY.unet, upcast_attention=upcast))
-
-
-@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
-def pair(request, clip_vocab_dir, tmp_path_factory):
-    ref = reference_pipeline(clip_vocab_dir, cfg=tiny(request.param, upcast=False))
-    path = tmp_path_factory.mktemp(f"tiny_sd2_{request.param}")
-    ref.save_pretrained(path, safe_serialization=True)
-    ours = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float64)
-    assert ours.cfg.family == "sd-v2" and ours.cfg.ddim.prediction_type == request.param
-    return ref.to(torch.float64), ours
-
-
-def compare(pair, settings: EditSettings, controller, size=128):
-    ref, ours = pair
-    scheduler = DDIMScheduler(**R.SD_V1_DDIM, prediction_type=ours.cfg.ddim.prediction_type)
-    expected, traj = R.text2image(ref, settings.prompts, controller, num_steps=STEPS, guidance_scale=7.5,
-                                  seed=settings.seed, height=size, width=size, scheduler=scheduler,
-                                  return_latents=True)
-    got = run_edit(ours, settings, progress=False)
-    z_ref = traj[-1]
-    rel = ((got.z_0 - z_ref).abs().max() / z_ref.abs().max()).item()
-    pixels = np.abs(np.stack([np.asarray(i, float) for i in got.images]) - expected).mean()
-    return rel, pixels, got
-
-
-def settings(prompt, targets, **kw):
-    """At 128 px: at 64 px the tiny UNet's lowest level is 1x1, where GroupNorm sees 2 values per group and turns
-    float64 rounding into jumps; the v sampler then ends 1e-9 to 4e-7 apart (relative) depending on the random
-    weights, against 1e-14 at 128 px for the same weights, with or without an edit (measured, plain sampling too)."""
-    size = kw.pop("size", 128)
-    return EditSettings(prompt, targets=tuple(targets), steps=STEPS, seed=kw.pop("seed", 1), height=size, width=size,
-                        self_sites=SiteSelection(max_res=16), **kw)
-
-
-@pytest.mark.parametrize("cross,self_", [(0.8, 0.4), ({"default_": 1.0, "dog": 0.4}, 0.6)])
-def test_replace(pair, cross, self_):
-    ref, _ = pair
-    s = settings("a cat on a chair", ["a dog on a chair"], cross_replace=cross, self_replace=self_)
-    ctl = R.AttentionReplace(s.prompts, STEPS, cross, self_, tokenizer=ref.tokenizer)
-    rel, pixels, _ = compare(pair, s, ctl)
-    assert rel <= 1e-9 and pixels <= 1.0
-
-
-def test_refine_and_reweight(pair):
-    ref, _ = pair
-    s = settings("a castle next to a river", ["children drawing of a castle next to a river"], mode="refine")
-    ctl = R.AttentionRefine(s.prompts, STEPS, 0.8, 0.4, tokenizer=ref.tokenizer)
-    rel, pixels, _ = compare(pair, s, ctl)
-    assert rel <= 1e-9 and pixels <= 1.0
-    s = settings("a bowl of soup", ["a bowl of pea soup"], mode="refine", reweight={"pea": -1.0})
-    base = R.AttentionRefine(s.prompts, STEPS, 0.8, 0.4, tokenizer=ref.tokenizer)
-    eq = R.get_equalizer(s.prompts[1], ("pea",), (-1.0,), ref.tokenizer)
-    ctl = R.AttentionReweight(s.prompts, STEPS, 0.8, 0.4, eq, controller=base, tokenizer=ref.tokenizer)
-    rel, pixels, _ = compare(pair, s, ctl)
-    assert rel <= 1e-9 and pixels <= 1.0
-
-
-def test_local_blend(pair):
-    ref, _ = pair
-    s = settings("a cat on a chair", ["a dog on a chair"], blend=("cat", "dog"), blend_threshold=0.95,
-                 blend_sites=SiteSelection(kinds=("cross",), res=(2,)),
-                 size=128, cross_replace={"default_": 1.0, "dog": 0.4})
-    blend = R.LocalBlend(s.prompts, ("cat", "dog"), ref.tokenizer, threshold=0.95)
-    ctl = R.AttentionReplace(s.prompts, STEPS, {"default_": 1.0, "dog": 0.4}, 0.4, local_blend=blend,
-                             tokenizer=ref.tokenizer)
-    rel, pixels, got = compare(pair, s, ctl)
-    assert rel <= 1e-9 and pixels <= 1.0
-    ours_mask = got.controller.controllers[1].mask((16, 16))
-    assert 0 < ours_mask[1].mean() < 1
-    assert torch.equal(ours_mask, blend.masks[-1].float())
-
-
-# --- inversion with v-prediction ---------------------------------------------------------------------------------
-
 @pytest.fixture(scope="module")
 def vpipe(clip_vocab_dir):
     """tiny-sd2 predicting v, with unit-std latents and text that matters for guidance (as tests/test_inversion.py's
     model; its output is left at PyTorch's init: a v model with a tiny output is a near-identity sampler)."""
-    cfg = replace(tiny("v_prediction"), vae=replace(TINY.vae, scaling_factor=3.6))
+    cfg = replace(tiny_sd2("v_prediction"), vae=replace(TINY.vae, scaling_factor=3.6))
     pipe = Pipeline.from_config(cfg, OpenCLIPTokenizer.from_path(clip_vocab_dir), seed=0, dtype=torch.float64)
     with torch.no_grad():  # float64: the untuned sampler amplifies batch-dependent float32 rounding
         for name, m in pipe.unet.named_modules():

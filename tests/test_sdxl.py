@@ -11,7 +11,8 @@ from models.errors import UserError
 from models.presets import PRESETS, preset
 from models.sdxl import SDXLTokenizer
 from p2p.core.pipeline import Pipeline
-from tests.tiny import reference_xl_pipeline
+from tests.tiny import (compvis_unet_vae, fixture_keys, load_single_file_on_meta, meta, reference_unet,
+                        reference_xl_pipeline, save_folder)
 
 TINY = PRESETS["tiny-sdxl"]
 PROMPTS = ["a photograph of an astronaut riding a horse", "a cat sitting on a chair", ""]
@@ -20,9 +21,7 @@ PROMPTS = ["a photograph of an astronaut riding a horse", "a cat sitting on a ch
 @pytest.fixture(scope="module")
 def folder(clip_vocab_dir, tmp_path_factory):
     ref = reference_xl_pipeline(clip_vocab_dir)
-    path = tmp_path_factory.mktemp("tiny_sdxl")
-    ref.save_pretrained(path, safe_serialization=True)
-    return ref, path
+    return ref, save_folder(ref, tmp_path_factory.mktemp("tiny_sdxl"))
 
 
 @pytest.fixture(scope="module")
@@ -124,32 +123,16 @@ def test_seeded_generation_equals_diffusers(folder, pipe, kw):
 
 # --- single files: the real layout, a tiny one, the family errors ------------------------------------------------
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from models.checkpoint import (CheckpointError, UNET_RESNET_RENAMES, VAE_RENAMES, load_module, rename,  # noqa: E402
-                               sdxl_text_from_sgm, split_prefix, unet_prefixes, vae_prefixes)
+from models.checkpoint import CheckpointError, sdxl_text_from_sgm, split_prefix, unet_from_compvis  # noqa: E402
 from models.sdxl import SDXLTextEncoder  # noqa: E402
-from models.unet import UNet  # noqa: E402
-from models.vae import AutoencoderKL  # noqa: E402
 from p2p.files.loading import split_single_file  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
 BIG_G = "conditioner.embedders.1.model."
-
-
-def fixture(name):
-    keys = json.loads((FIXTURES / name).read_text())
-    keys.pop("_meta")
-    return keys
-
-
-def meta(keys):
-    return {k: torch.empty(s, device="meta") for k, s in keys.items()}
 
 
 @pytest.mark.parametrize("extra", [{}, {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids":
@@ -157,20 +140,15 @@ def meta(keys):
 def test_real_sdxl_single_file_is_consumed_completely(extra):
     """sd_xl_base_1.0.safetensors' 2514 keys (tests/fixtures/make_sdxl_keys.py); the entries whose presence the
     published size did not settle (position_ids, denoiser.sigmas) are read either way."""
-    keys = {**fixture("sdxl_single_file_keys.json"), **extra}
+    keys = {**fixture_keys("sdxl_single_file_keys.json"), **extra}
     assert len(keys) == 2514 + len(extra)
-    cfg = PRESETS["sdxl"]
-    sds = split_single_file(meta(keys), cfg)
-    with torch.device("meta"):
-        for module, part in ((UNet(cfg.unet), "unet"), (AutoencoderKL(cfg.vae), "vae"),
-                             (SDXLTextEncoder(cfg.text), "text")):
-            load_module(module, sds[part], part)
+    load_single_file_on_meta(keys, PRESETS["sdxl"], SDXLTextEncoder)
 
 
 def test_our_bigg_mapping_equals_diffusers_on_the_real_layout():
     """Every bigG key of the real file goes where diffusers' convert_open_clip_checkpoint puts it (q/k/v rows of the
     fused in_proj, the transposed text_projection); the UNet's 1680 where convert_ldm_unet_checkpoint does."""
-    keys = fixture("sdxl_single_file_keys.json")
+    keys = fixture_keys("sdxl_single_file_keys.json")
     tagged = {}
     for i, (k, s) in enumerate(keys.items()):
         if "in_proj" in k:  # rows matter: a column of row numbers
@@ -188,10 +166,8 @@ def test_our_bigg_mapping_equals_diffusers_on_the_real_layout():
     assert ours.keys() == theirs.keys() and len(ours) == 517  # sd2-sdxl.md §0: 517/517
     assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
     unet = {k: v for k, v in tagged.items() if k.startswith("model.diffusion_model.")}
-    from tests.tiny import reference_unet
     with torch.device("meta"):
         unet_cfg = dict(reference_unet(PRESETS["sdxl"].unet).config)
-    from models.checkpoint import unet_from_compvis
     ours = unet_from_compvis(split_prefix(unet, "model.diffusion_model."), PRESETS["sdxl"].unet)
     theirs = convert_ldm_unet_checkpoint(unet, unet_cfg)
     assert len(ours) == 1680 and {k: v.item() for k, v in ours.items()} == {k: v.item() for k, v in theirs.items()}
@@ -205,7 +181,7 @@ def test_our_bigg_mapping_equals_diffusers_on_the_real_layout():
 ])
 def test_wrong_family_is_one_error(fixture_name, config, says):
     with pytest.raises(CheckpointError, match=says) as e:
-        split_single_file(meta(fixture(fixture_name)), PRESETS[config], path=fixture_name)
+        split_single_file(meta(fixture_keys(fixture_name)), PRESETS[config], path=fixture_name)
     assert "\n" not in str(e.value)
 
 
@@ -236,14 +212,7 @@ def test_tiny_single_file_generates_as_diffusers(folder, clip_vocab_dir, tmp_pat
     by the inverse of our tables, checked against diffusers' converter; CLIP-L as transformers saves it; bigG in
     open_clip's layout, checked against convert_open_clip_checkpoint): the same image as StableDiffusionXLPipeline."""
     ref, _ = folder
-    up = {v: k for k, v in unet_prefixes(TINY.unet).items()}
-    us = {v: k for k, v in UNET_RESNET_RENAMES.items()}
-    vp = {v: k for k, v in vae_prefixes(len(TINY.vae.block_out_channels)).items()}
-    vs = {v: k for k, v in VAE_RENAMES.items()}
-    sd = {"model.diffusion_model." + rename(k, up, us): v for k, v in ref.unet.state_dict().items()}
-    for k, v in ref.vae.state_dict().items():
-        k = rename(k, vp, vs)
-        sd["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    sd = compvis_unet_vae(ref.unet, ref.vae, TINY)
     sd.update({"conditioner.embedders.0.transformer." + k: v for k, v in ref.text_encoder.state_dict().items()})
     sd.update({BIG_G + k: v for k, v in to_open_clip(ref.text_encoder_2.state_dict()).items()})
     back = convert_open_clip_checkpoint(ref.text_encoder_2, sd, BIG_G)

@@ -1,140 +1,26 @@
-"""Prompt-to-Prompt on SDXL (the tiny-sdxl preset: attention only at the two lower levels, deep transformer stacks,
-two text towers, micro-conditioning, zeroed negative prompt).
+"""SDXL's attention store at the default size, and inversion on SDXL (the tiny-sdxl preset: two text towers, a
+pooled vector, micro-conditioning, zeroed negative prompt).
 
-Edits are compared with the authors' controllers (tests/reference_p2p.py) run over diffusers' attention processors
-of a StableDiffusionXLPipeline with the same weights and seed, in float64 as tests/test_sd2_p2p.py does for SD 2.
-The reference conditions as diffusers' SDXL pipeline does (encode_prompt: both towers, pooled vector, zeros for
-the empty negative prompt; time ids of the image size, crop (0, 0)). SDXL's rule (sites.py): self-attention
-injected, and the blend read, at the latent/4 level only: at the tiny size the 2x2 grid, `self_replace_cap` 2**2.
+The SDXL edits are compared with the authors' controllers in tests/test_p2p_parity.py.
 """
-import numpy as np
+from dataclasses import replace
+
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from models.presets import PRESETS, preset
+from models.sdxl import SDXLTokenizer
 from models.unet import UNet
 from p2p.core.controller import GuidanceLayout
+from p2p.core.inversion import invert, reconstruct
 from p2p.core.pipeline import Pipeline
 from p2p.core.run import run_edit
 from p2p.core.settings import EditSettings
-from p2p.core.sites import SiteSelection, p2p_defaults
+from p2p.core.sites import p2p_defaults
 from p2p.core.store import AttentionStore
-from tests import reference_p2p as R
-from tests.tiny import reference_xl_pipeline
+from p2p.world import scenes
 
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def pair(clip_vocab_dir, tmp_path_factory):
-    ref = reference_xl_pipeline(clip_vocab_dir)
-    path = tmp_path_factory.mktemp("tiny_sdxl_p2p")
-    ref.save_pretrained(path, safe_serialization=True)
-    ours = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float64)
-    assert ours.cfg.family == "sdxl" and p2p_defaults(ours.cfg) == p2p_defaults(PRESETS["tiny-sdxl"])
-    return ref.to(torch.float64), ours
-
-
-@torch.no_grad()
-def text2image_xl(pipe, prompts, controller, *, num_steps, guidance_scale, seed, height, width):
-    """The authors' text2image loop (tests/reference_p2p.py) on a StableDiffusionXLPipeline: conditioning by diffusers'
-    encode_prompt, the UNet given the pooled vectors and the time ids, DDIM as SD samples."""
-    unet = pipe.unet
-    previous = R.register_attention_control(unet, controller)
-    try:
-        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(list(prompts), device="cpu", num_images_per_prompt=1,
-                                                                 do_classifier_free_guidance=True)
-        context = torch.cat([uncond, cond]).to(unet.dtype)
-        added = {"text_embeds": torch.cat([uncond_pooled, pooled]).to(unet.dtype),
-                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=unet.dtype)
-                 .repeat(2 * len(prompts), 1)}
-        _, latents = R.init_latent(None, unet, height, width, seed, len(prompts), pipe.vae_scale_factor)
-        scheduler = DDIMScheduler(**R.SD_V1_DDIM)
-        scheduler.set_timesteps(num_steps)
-        trajectory = [latents]
-        for t in scheduler.timesteps:
-            eps_u, eps_c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context,
-                                added_cond_kwargs=added).sample.chunk(2)
-            latents = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, latents, eta=0.0).prev_sample
-            latents = controller.step_callback(latents)
-            trajectory.append(latents)
-        images = R.latent2image(pipe.vae, latents)
-    finally:
-        unet.set_attn_processor(dict(previous))
-    return images, trajectory
-
-
-def compare(pair, settings: EditSettings, controller, size=64):
-    ref, ours = pair
-    expected, traj = text2image_xl(ref, settings.prompts, controller, num_steps=STEPS, guidance_scale=5.0,
-                                   seed=settings.seed, height=size, width=size)
-    got = run_edit(ours, settings, progress=False)
-    rel = ((got.z_0 - traj[-1]).abs().max() / traj[-1].abs().max()).item()
-    pixels = np.abs(np.stack([np.asarray(i, float) for i in got.images]) - expected).mean()
-    print(f"relative {rel:.2e}, pixels {pixels:.4f}/255")
-    return rel, pixels, got, traj
-
-
-def settings(prompt, targets, **kw):
-    size = kw.pop("size", 64)
-    return EditSettings(prompt, targets=tuple(targets), steps=STEPS, seed=kw.pop("seed", 1), height=size, width=size,
-                        guidance=5.0, **kw)
-
-
-@pytest.mark.parametrize("cross,self_", [(0.8, 0.4), ({"default_": 1.0, "dog": 0.4}, 0.6)])
-def test_replace(pair, cross, self_):
-    ref, _ = pair
-    s = settings("a cat on a chair", ["a dog on a chair"], cross_replace=cross, self_replace=self_)
-    ctl = R.AttentionReplace(s.prompts, STEPS, cross, self_, tokenizer=ref.tokenizer, self_replace_cap=2 ** 2)
-    rel, pixels, _, traj = compare(pair, s, ctl)
-    plain = R.AttentionReplace(s.prompts, STEPS, 0.0, 0.0, tokenizer=ref.tokenizer)  # the edit changes the result
-    _, traj_plain = text2image_xl(ref, s.prompts, plain, num_steps=STEPS, guidance_scale=5.0, seed=1, height=64,
-                                  width=64)
-    assert (traj_plain[-1][1] - traj[-1][1]).abs().max() > 1e-3 * traj[-1].abs().max()
-    assert rel <= 1e-9 and pixels <= 1.0
-
-
-def test_refine_and_reweight(pair):
-    ref, _ = pair
-    s = settings("a castle next to a river", ["children drawing of a castle next to a river"], mode="refine")
-    ctl = R.AttentionRefine(s.prompts, STEPS, 0.8, 0.4, tokenizer=ref.tokenizer, self_replace_cap=2 ** 2)
-    rel, pixels, _, _ = compare(pair, s, ctl)
-    assert rel <= 1e-9 and pixels <= 1.0
-    s = settings("a bowl of soup", ["a bowl of pea soup"], mode="refine", reweight={"pea": -1.0})
-    base = R.AttentionRefine(s.prompts, STEPS, 0.8, 0.4, tokenizer=ref.tokenizer, self_replace_cap=2 ** 2)
-    eq = R.get_equalizer(s.prompts[1], ("pea",), (-1.0,), ref.tokenizer)
-    ctl = R.AttentionReweight(s.prompts, STEPS, 0.8, 0.4, eq, controller=base, tokenizer=ref.tokenizer,
-                              self_replace_cap=2 ** 2)
-    rel, pixels, _, _ = compare(pair, s, ctl)
-    assert rel <= 1e-9 and pixels <= 1.0
-
-
-class LocalBlendXL(R.LocalBlend):
-    """The authors' LocalBlend reading the cross maps of down, mid and up at the latent/4 level: on SDXL the mid block
-    is at that level too (32x32 at 1024 px), and RoyiRa's SDXL port (sd2-sdxl.md §6.1) reads it with the others."""
-
-    @classmethod
-    def select_maps(cls, attention_store, latent_hw):
-        rh, rw = cls.map_resolution(latent_hw)
-        return [m for key in ("down_cross", "mid_cross", "up_cross") for m in attention_store[key]
-                if m.shape[1] == rh * rw]
-
-
-def test_local_blend(pair):
-    """The blend from the default sites (native 2x2, the latent/4 level: the 8x8 maps of a 256 px image, which the
-    authors' LocalBlend reads at a 32x32 latent); self-attention injected at that level too (8**2 keys)."""
-    ref, _ = pair
-    s = settings("a cat on a chair", ["a dog on a chair"], blend=("cat", "dog"), blend_threshold=0.95,
-                 size=256, cross_replace={"default_": 1.0, "dog": 0.4}, self_sites=SiteSelection(max_res=8))
-    blend = LocalBlendXL(s.prompts, ("cat", "dog"), ref.tokenizer, threshold=0.95)
-    ctl = R.AttentionReplace(s.prompts, STEPS, {"default_": 1.0, "dog": 0.4}, 0.4, local_blend=blend,
-                             tokenizer=ref.tokenizer, self_replace_cap=8 ** 2)
-    rel, pixels, got, _ = compare(pair, s, ctl, size=256)
-    assert rel <= 1e-9 and pixels <= 1.0
-    ours_mask = got.controller.controllers[1].mask((32, 32))
-    assert 0 < ours_mask[1].mean() < 1
-    assert torch.equal(ours_mask, blend.masks[-1].float())
 
 
 def test_attention_store_at_1024():
@@ -156,13 +42,6 @@ def test_attention_store_at_1024():
 
 
 # --- inversion ------------------------------------------------------------------------------------------------
-
-from dataclasses import replace  # noqa: E402
-
-from models.sdxl import SDXLTokenizer  # noqa: E402
-from p2p.core.inversion import invert, reconstruct  # noqa: E402
-from p2p.world import scenes  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def xpipe(clip_vocab_dir):

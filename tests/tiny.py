@@ -1,22 +1,39 @@
 """Reference models for tests: diffusers / transformers modules in our preset configs, random weights.
 
 `reference_pipeline` builds a diffusers `StableDiffusionPipeline` whose every network has the shape of
-one of our presets, with an SD-configured `DDIMScheduler`. Saved with `save_pretrained`, it is a
-diffusers folder exactly like the public ones, only small. `ours_from_reference` builds our Pipeline
-holding the same weights.
+one of our presets, with an SD-configured `DDIMScheduler`. Saved with `save_folder`, it is a
+diffusers folder exactly like the public ones, only small; `compvis_unet_vae` writes its networks in a
+CompVis single file's names instead. `ours_from_reference` builds our Pipeline holding the same weights.
+The loading tests read such files back and compare (`unet_err`, `decode_err`), and check the real
+checkpoints' layouts from their key lists (`fixture_keys`, on `meta` tensors).
 """
 from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from models import clip as ours_clip, tokenizer as ours_tokenizer, unet as ours_unet, vae as ours_vae
+from models.checkpoint import UNET_RESNET_RENAMES, VAE_RENAMES, load_module, rename, unet_prefixes, vae_prefixes
+from models.ddim import DDIMConfig
 from models.presets import PRESETS, ModelConfig
 from p2p.core.pipeline import Pipeline
+from p2p.files.loading import split_single_file
 
 SD_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                set_alpha_to_one=False, steps_offset=1)
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tiny_sd2(prediction: str = "epsilon", upcast: bool = True) -> ModelConfig:
+    """tiny-sd2 predicting `prediction` ("epsilon" or "v_prediction"); upcast=False for float64 runs, where diffusers'
+    upcast_attention would compute Q K^T in float32 (it casts q and k to float32, whatever their dtype)."""
+    cfg = PRESETS["tiny-sd2"]
+    return replace(cfg, ddim=DDIMConfig(prediction_type=prediction), unet=replace(cfg.unet, upcast_attention=upcast))
 
 
 def reference_unet(cfg) -> UNet2DConditionModel:
@@ -112,3 +129,76 @@ def reference_xl_pipeline(tokenizer_dir, cfg: ModelConfig = PRESETS["tiny-sdxl"]
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- files to read back: diffusers folders, CompVis single files, the real layouts' key lists ---------------
+
+def save_folder(pipe, path) -> Path:
+    """`pipe` written as a diffusers folder of safetensors files, laid out as the public ones; returns the path."""
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def update_json(path: Path, **changes) -> None:
+    """Rewrite a folder's JSON config with `changes` (to see how the loader reads an unusual one)."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def compvis_unet_vae(unet, vae, cfg: ModelConfig) -> dict:
+    """A diffusers UNet and VAE in a CompVis single file's names ("model.diffusion_model.", "first_stage_model."),
+    by inverting our rename tables; the tests check the result against diffusers' converters. The VAE's attention
+    projections become the 1x1 convolutions the original files hold."""
+    up = {v: k for k, v in unet_prefixes(cfg.unet).items()}
+    us = {v: k for k, v in UNET_RESNET_RENAMES.items()}
+    vp = {v: k for k, v in vae_prefixes(len(cfg.vae.block_out_channels)).items()}
+    vs = {v: k for k, v in VAE_RENAMES.items()}
+    sd = {"model.diffusion_model." + rename(k, up, us): v for k, v in unet.state_dict().items()}
+    for k, v in vae.state_dict().items():
+        k = rename(k, vp, vs)
+        sd["first_stage_model." + k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    return sd
+
+
+def sd_betas(dtype=torch.float32) -> torch.Tensor:
+    """SD's scaled-linear betas (1000 steps), one of the DDPM buffers a CompVis file holds."""
+    return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=dtype) ** 2
+
+
+def unet_err(pipe: Pipeline, ref, z_t=None, ctx=None, t: int = 981) -> float:
+    """Max abs difference of our pipeline's UNet and a diffusers pipeline's on the same input (default: random,
+    of the tiny SD shapes)."""
+    z_t = torch.randn(2, 4, 8, 8) if z_t is None else z_t
+    ctx = torch.randn(z_t.shape[0], 77, 32) if ctx is None else ctx
+    with torch.no_grad():
+        return (pipe.unet(z_t, t, ctx) - ref.unet(z_t, t, encoder_hidden_states=ctx).sample).abs().max().item()
+
+
+def decode_err(pipe: Pipeline, ref, z) -> float:
+    """Max abs difference of the two VAEs decoding `z` (diffusers' decoder takes the latent divided by 0.18215)."""
+    with torch.no_grad():
+        return (pipe.vae.decode(z) - ref.vae.decode(z / 0.18215).sample).abs().max().item()
+
+
+def fixture_keys(name: str) -> dict:
+    """A real checkpoint's key -> shape list (tests/fixtures/*.json, produced from the original files), no _meta."""
+    keys = json.loads((FIXTURES / name).read_text())
+    keys.pop("_meta")
+    return keys
+
+
+def meta(keys_shapes: dict) -> dict:
+    """Tensors of those shapes on the meta device: a real layout to load, without its gigabytes."""
+    return {k: torch.empty(s, device="meta") for k, s in keys_shapes.items()}
+
+
+def load_single_file_on_meta(keys_shapes: dict, cfg: ModelConfig, text_encoder) -> dict:
+    """A single file's layout split as the loader splits it and loaded into meta-device networks of `cfg`
+    (`text_encoder`: the text tower's class); raises on any missing, unexpected or mis-shaped key. Returns the
+    networks by part ("unet", "vae", "text")."""
+    sds = split_single_file(meta(keys_shapes), cfg)
+    with torch.device("meta"):
+        modules = {"unet": ours_unet.UNet(cfg.unet), "vae": ours_vae.AutoencoderKL(cfg.vae),
+                   "text": text_encoder(cfg.text)}
+        for part, module in modules.items():
+            load_module(module, sds[part], part)
+    return modules
