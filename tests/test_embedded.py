@@ -130,6 +130,7 @@ def test_training_script_runs_resumes_and_states_its_schedule(tmp_path):
     ddim = pipe.ddim.cfg
     assert ddim.prediction_type == "v_prediction" and ddim.rescale_betas_zero_snr
     assert ddim.timestep_spacing == "trailing" and pipe.ddim.alpha_bar[-1] == 0
+    assert pipe.cfg.vae.latent_channels == pipe.cfg.unet.in_channels == pipe.cfg.unet.out_channels == 8
     assert pipe.generate("a big red square on a green background", steps=2, progress=False)[0].size == (64, 64)
     train.main(args(4))  # --vae-steps 4: the VAE resumes at step 2, the diffusion is done
     assert torch.load(run / "vae.pt", weights_only=True)["step"] == 4 and (run / "latents_vae4.pt").is_file()

@@ -14,7 +14,15 @@ continues where it stopped:
      alpha_bar_T = 0.0047, and on a 16x16 latent that much signal at t = T fixes the flat colours before the
      prompt can (the background followed the noise's leaked colour in 88% of samples after a short run).
      `--schedule sd-v1` trains the epsilon model of SD v1 instead. The model folder's [ddim] states which.
-The networks are the SD code paths (models/) at a small size: preset "embedded" in models/presets.py.
+The networks are the SD code paths (models/) at a small size: preset "embedded" in models/presets.py, with the
+latent's channels set by --latent-channels.
+
+The VAE recipe (short runs, 2,000 steps at batch 32, lr 2e-3, bf16; round trips of 96 scenes read by the judge):
+    SD's 4 latent channels, plain L1 + L2           22.2 dB, every attribute read on  2% of scenes (colour 20%)
+    8 channels                                      24.3 dB                          16%           (colour 46%)
+    4 channels, things' pixels weighted 10x         25.8 dB                          37%           (colour 93%)
+    8 channels, things' pixels weighted 10x         28.7 dB                          56%           (colour 98%)
+The things cover about a tenth of a scene: unweighted, the loss is spent on the background's texture.
 """
 from __future__ import annotations
 
@@ -289,7 +297,10 @@ def main(argv=None):
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast in the VAE stage (fast on CPUs with AVX512-BF16 or AMX)")
-    p.add_argument("--vae-object-weight", type=float, default=1.0,
+    p.add_argument("--latent-channels", type=int, default=8,
+                   help="channels of the VAE's 16x16 latent (SD's 4 hold neither the colour nor the pattern of a small "
+                        "thing; see the VAE notes in the module docstring)")
+    p.add_argument("--vae-object-weight", type=float, default=10.0,
                    help="weight of the pixels on and around the things in the VAE's reconstruction loss (1: unweighted)")
     p.add_argument("--schedule", choices=tuple(SCHEDULES), default="zero-snr-v",
                    help="zero-snr-v: SD v1's betas rescaled to zero terminal SNR, v-prediction, trailing DDIM "
@@ -306,7 +317,9 @@ def main(argv=None):
     run.mkdir(parents=True, exist_ok=True)
     t0, commit = time.time(), git_commit()  # the code that trains, not whatever is checked out at the end
     tok = build_tokenizer(run / "tokenizer")
+    c = args.latent_channels
     cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size),
+                  vae=replace(EMBEDDED.vae, latent_channels=c), unet=replace(EMBEDDED.unet, in_channels=c, out_channels=c),
                   ddim=replace(EMBEDDED.ddim, **SCHEDULES[args.schedule]))
     images, captions, discs = dataset(args.images, args.seed, run / "data.pt")
     vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, bf16=args.vae_bf16,
