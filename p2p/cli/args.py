@@ -146,6 +146,21 @@ def ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def pixel_pair(what: str, low: int):
+    """An argparse type: "1024,768" -> (1024, 768), two whole numbers >= low (SDXL's sizes and crop)."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            values = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 2 or any(v < low for v in values):
+            raise argparse.ArgumentTypeError(f"takes {what} in pixels, two whole numbers >= {low} separated by a "
+                                             f"comma, e.g. {'0,256' if low == 0 else '1024,1024'}; got {text!r}")
+        return values
+    parse.__name__ = what
+    return parse
+
+
 def places(text: str) -> tuple[str, ...]:
     from p2p.core.sites import PLACES
 
@@ -226,6 +241,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=device, help="cuda, cuda:N, mps or cpu (default: the first available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype to run in (default float16 on a GPU, float32 on the CPU)")
+    g = p.add_argument_group("SDXL micro-conditioning (diffusers' original_size, crops_coords_top_left, target_size)")
+    g.add_argument("--sdxl-original-size", type=pixel_pair("H,W", 1), metavar="H,W", help="the size the model is "
+                   "told the image had before resizing (default: the image's size; smaller looks upscaled)")
+    g.add_argument("--sdxl-crop", type=pixel_pair("TOP,LEFT", 0), metavar="TOP,LEFT", help="the top-left corner of "
+                   "the crop the model is told was taken (default 0,0; other values cut the subject at the border)")
+    g.add_argument("--sdxl-target-size", type=pixel_pair("H,W", 1), metavar="H,W",
+                   help="the target size the model is told (default: the image's size)")
 
 
 def add_steps_arg(g) -> None:

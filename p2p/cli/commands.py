@@ -20,11 +20,30 @@ from .args import rule_message
 from .checks import check_edit, check_size, edit_settings, read_inverted, warn_unknown_words
 
 
+SIZE_FLAGS = {"original_size": "--sdxl-original-size", "crops_coords_top_left": "--sdxl-crop",
+              "target_size": "--sdxl-target-size"}
+
+
 def load_pipeline(args):
+    """The model of --model, with SDXL's size conditioning of the --sdxl-* flags (refused for another family)."""
+    from models.families import family
     from p2p.core.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+    pipe = Pipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                                     variant=args.variant, ema=not args.no_ema, config=args.model_config)
+    sizes = {k: getattr(args, flag[2:].replace("-", "_"), None) for k, flag in SIZE_FLAGS.items()}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    if not sizes:
+        return pipe
+    if not pipe.micro_conditioned:
+        raise UserError(f"{', '.join(SIZE_FLAGS[k] for k in sizes)}: only SDXL is conditioned on sizes and crops; "
+                        f"{args.model} is a {family(pipe.cfg.family).title} model: leave them out")
+    return pipe.with_size_conditioning(**sizes)
+
+
+def size_meta(pipe) -> dict:
+    """The SDXL size conditioning set (none: the image's own size), as the --sdxl-* flags name it, for metadata."""
+    return {SIZE_FLAGS[k][2:].replace("-", "_"): v for k, v in pipe.size_conditioning.to_dict().items()}
 
 
 # --- generate, edit, invert ----------------------------------------------------------------------------------
@@ -35,7 +54,8 @@ def generation_settings(args, pipe) -> dict:
     return {"model": str(args.model), "seed": pick(args.seed, 0), "steps": pick(args.steps, pipe.cfg.steps),
             "guidance": pick(args.guidance, pipe.cfg.guidance), "height": pick(args.height, pipe.cfg.image_size),
             "width": pick(args.width, pipe.cfg.image_size), "eta": pick(args.eta, 0.0),
-            "negative_prompt": args.negative_prompt or "", "dtype": str(pipe.dtype).removeprefix("torch.")}
+            "negative_prompt": args.negative_prompt or "", "dtype": str(pipe.dtype).removeprefix("torch."),
+            **size_meta(pipe)}
 
 
 def cmd_generate(args) -> int:
@@ -93,7 +113,7 @@ def cmd_edit(args) -> int:
     inversion, extra = inversion_of(args, pipe, settings, inverted)
     result = run_edit(pipe, settings, progress=not args.quiet, inversion=inversion)
     with staged_folder(args.out_dir) as tmp:  # 0.png, 1.png, ..., grid.png appear together or not at all
-        paths = save_edit(result, tmp, {"model": str(args.model), **extra})
+        paths = save_edit(result, tmp, {"model": str(args.model), **extra, **size_meta(pipe)})
     print(f"wrote {len(paths)} images to {args.out_dir} ({time.perf_counter() - t0:.1f} s on {pipe.device})")
     return 0
 
@@ -187,7 +207,7 @@ def cmd_sweep(args) -> int:
     inversion, extra = inversion_of(args, pipe, settings, inverted)
     sheet, _ = sweep(pipe, settings, args.param, values, progress=not args.quiet, inversion=inversion)
     out = save_image(sheet, args.out, {"command": "sweep", "param": args.param, "values": [str(v) for v in values],
-                                       "model": str(args.model), **extra, **settings.to_dict()})
+                                       "model": str(args.model), **extra, **settings.to_dict(), **size_meta(pipe)})
     print(f"wrote {out}")
     return 0
 
@@ -261,7 +281,7 @@ def cmd_attention(args) -> int:
     components = (component_sheet(self_attention_components(store, sites, 0, args.self_components))
                   if args.self_components else None)
     meta = {"command": "attention", "prompts": prompts, "res": args.res, "places": list(args.places),
-            "model": str(args.model), "seed": args.seed or 0, **extra}
+            "model": str(args.model), "seed": args.seed or 0, **extra, **size_meta(pipe)}
     save_image(sheet, out, meta)
     if components is not None:
         save_image(components, self_out, meta)

@@ -129,6 +129,11 @@ class Inversion:
         if fp is not None and not same_model(fp, fingerprint(pipe)):
             raise UserError("the inversion was made with another model (its UNet weights differ): invert the image "
                             "again with this model")
+        made, now = self.info.get("size_conditioning", {}), pipe.size_conditioning.to_dict()
+        if made != now:
+            raise UserError(f"the inversion was made with SDXL size conditioning {made or 'of the image size'}, the "
+                            f"edit asks for {now or 'the image size'}: use the same (--sdxl-original-size, --sdxl-crop, "
+                            "--sdxl-target-size) or invert again")
         if self.method == "null-text":
             uncond = self.uncond[:, None]  # (N, 1, 77, width): one embedding per step, shared by the prompts
         elif self.method == "negative-prompt":
@@ -291,6 +296,8 @@ def invert(pipe, image: str | Path | Image.Image, prompt: str, method: str = "nu
     cond = pipe.encode_text([prompt])
     trajectory = ddim_inversion(pipe, z_0, cond, steps, progress)
     info = {"model_fingerprint": fingerprint(pipe)}
+    if pipe.size_conditioning.to_dict():  # SDXL sizes other than the image's own: the edit must use the same
+        info["size_conditioning"] = pipe.size_conditioning.to_dict()
     uncond = offsets = None
     if method == "null-text":
         uncond, stats = null_text_optimisation(pipe, trajectory, cond, pipe.encode_negative(""), steps, guidance,
