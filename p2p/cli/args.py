@@ -379,8 +379,9 @@ def build_parser() -> Parser:
     add_model_args(p)
     add_edit_args(p)
     add_generation_args(p)
-    p.add_argument("--res", type=checked("res"), default=16,
-                   help="native resolution of the maps averaged (default 16; the embedded model has 16 and 8)")
+    p.add_argument("--res", type=checked("res"), help="native resolution of the maps averaged (default: the model's "
+                   "local-blend level: 16 for SD v1 and SD 2.x-base, 24 for SD 2.x at 768 px, 32 for SDXL, 8 for the "
+                   "embedded model, which has 16 and 8)")
     p.add_argument("--places", type=places, default=("up", "down"),
                    help="places averaged (default up,down, as the authors)")
     p.add_argument("--window", type=fraction_or_window("--window"),

@@ -212,18 +212,25 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def check_maps(args, pipe, steps: int) -> None:
-    """--res among the model's cross-attention sides, and a --window that covers at least one step."""
+def check_maps(args, pipe, steps: int) -> int:
+    """-> the res of the maps: --res, else the model's local-blend level (p2p/core/sites.py: 16 for SD v1 and SD 2.x
+    at 512 px, 24 for SD 2.x at 768, 32 for SDXL at 1024, 8 for the embedded model), the maps the authors show and
+    blend from (16 for SD v1 and LDM in their notebooks). Refuses a res the model has no cross-attention maps at in
+    --places, and a --window that covers no step."""
     from p2p.core.controller import step_range
+    from p2p.core.sites import p2p_defaults
 
+    res = p2p_defaults(pipe.cfg).blend_res if args.res is None else args.res
     have = sorted({s.res for s in pipe.unet.sites if s.kind == "cross" and s.place in args.places}, reverse=True)
-    if args.res not in have:
-        raise UserError(f"--res {args.res}: this model's cross-attention maps in {','.join(args.places)} are at res "
-                        f"{', '.join(map(str, have))}; give one of them")
+    if res not in have:
+        given = f"--res {res}" if args.res is not None else f"the model's default --res {res}"
+        raise UserError(f"{given}: this model's cross-attention maps in {','.join(args.places)} are at res "
+                        f"{', '.join(map(str, have)) or 'none'}; give one of them (--res {have[0] if have else 'N'})")
     if args.window is not None:
         lo, hi = step_range(args.window, steps)
         if lo >= hi:
             raise UserError(f"--window {args.window} covers none of the {steps} steps; widen it")
+    return res
 
 
 def cmd_attention(args) -> int:
@@ -239,9 +246,6 @@ def cmd_attention(args) -> int:
     if args.self_components:
         check_output(self_out, flag="the self-attention sheet")
     inverted = read_inverted(args)
-    kinds = ("cross", "self") if args.self_components else ("cross",)
-    sites = SiteSelection(kinds=kinds, places=args.places, res=(args.res,))
-    store = AttentionStore(sites, window=args.window)  # only what is shown
     editing = bool(args.target or args.mode or args.reweight or args.edit_config)
     settings = None
     if editing or args.image or inverted:
@@ -256,7 +260,10 @@ def cmd_attention(args) -> int:
     warn_unknown_words(args, prompts)
     pipe = load_pipeline(args)
     steps = inverted.steps if inverted else (settings.steps if settings else None) or args.steps or pipe.cfg.steps
-    check_maps(args, pipe, steps)
+    res = check_maps(args, pipe, steps)
+    kinds = ("cross", "self") if args.self_components else ("cross",)
+    sites = SiteSelection(kinds=kinds, places=args.places, res=(res,))
+    store = AttentionStore(sites, window=args.window)  # only what is shown
     extra = {}
     if settings is not None:
         settings = edit_settings(args, pipe.cfg)
@@ -280,7 +287,7 @@ def cmd_attention(args) -> int:
     sheet = sheets[0] if len(sheets) == 1 else grid(sheets, prompts, rows=len(sheets))
     components = (component_sheet(self_attention_components(store, sites, 0, args.self_components))
                   if args.self_components else None)
-    meta = {"command": "attention", "prompts": prompts, "res": args.res, "places": list(args.places),
+    meta = {"command": "attention", "prompts": prompts, "res": res, "places": list(args.places),
             "model": str(args.model), "seed": args.seed or 0, **extra, **size_meta(pipe)}
     save_image(sheet, out, meta)
     if components is not None:
