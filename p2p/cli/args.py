@@ -424,16 +424,17 @@ def build_parser() -> Parser:
     p.add_argument("--list", action="store_true", help="list the known models")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = command("convert", "convert a model's PyTorch pickles (LDM's public files, .ckpt) to a safetensors "
-                "diffusers folder, running no pickled code")
-    p.add_argument("src", help="a diffusers folder (LDM: unet/ vqvae/ bert/ tokenizer/; SD v1: unet/ vae/ "
-                   "text_encoder/ tokenizer/) or a CompVis single file (model.ckpt, sd-v1-4.ckpt)")
+    p = command("convert", "convert a model's PyTorch pickles (LDM's public files, .ckpt) or a single file "
+                "(SDXL's) to a safetensors diffusers folder, running no pickled code")
+    p.add_argument("src", help="a diffusers folder (LDM: unet/ vqvae/ bert/ tokenizer/; SD v1, 2.x: unet/ vae/ "
+                   "text_encoder/ tokenizer/; SDXL: also text_encoder_2/ tokenizer_2/) or a single file "
+                   "(model.ckpt, sd-v1-4.ckpt, v2-1_768-ema-pruned.ckpt, sd_xl_base_1.0.safetensors)")
     p.add_argument("dst", help="the folder to write (must not exist); written in full or not at all")
     p.add_argument("--tokenizer", help="tokenizer to include (required for a single file): LDM: a BERT uncased "
-                   "vocab.txt or its tokenizer/ folder; SD v1: a tokenizer/ folder, tokenizer.json or "
+                   "vocab.txt or its tokenizer/ folder; SD v1, 2.x, XL: a tokenizer/ folder, tokenizer.json or "
                    "bpe_simple_vocab_16e6.txt.gz")
-    p.add_argument("--model-config", help="preset a single file is read with (default: its family's, ldm or sd-v1; "
-                   "SD 2.x: sd2-base or sd2 by its name)")
+    p.add_argument("--model-config", help="preset a single file is read with (default: its family's, ldm, sd-v1 or "
+                   "sdxl; SD 2.x: sd2-base or sd2 by its name)")
     p.add_argument("--no-ema", action="store_true", help="take the non-EMA UNet of a full-EMA single file")
     parser.commands = commands
     return parser
