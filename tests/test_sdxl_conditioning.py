@@ -83,6 +83,8 @@ def test_kept_by_with_config_and_checked_by_inversions(pipe, tmp_path):
     assert inv.sampling_inputs(moved)["z_T"] is inv.z_T
     with pytest.raises(UserError, match="size conditioning .*crops_coords_top_left.* the image size"):
         inv.sampling_inputs(pipe)
+    same = pipe.with_size_conditioning(original_size=(64, 64), crops_coords_top_left=(0, 16), target_size=(64, 64))
+    assert inv.sampling_inputs(same)["z_T"] is inv.z_T  # the same numbers, spelt out
 
 
 def test_cli_flags(folder, pipe, tmp_path, capsys):

@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from models.errors import MissingFileError, UserError
+from models.sdxl import SizeConditioning
 
 from p2p.files.images import encode_image, load_image
 
@@ -129,11 +130,11 @@ class Inversion:
         if fp is not None and not same_model(fp, fingerprint(pipe)):
             raise UserError("the inversion was made with another model (its UNet weights differ): invert the image "
                             "again with this model")
-        made, now = self.info.get("size_conditioning", {}), pipe.size_conditioning.to_dict()
-        if made != now:
-            raise UserError(f"the inversion was made with SDXL size conditioning {made or 'of the image size'}, the "
-                            f"edit asks for {now or 'the image size'}: use the same (--sdxl-original-size, --sdxl-crop, "
-                            "--sdxl-target-size) or invert again")
+        made = SizeConditioning(**{k: tuple(v) for k, v in self.info.get("size_conditioning", {}).items()})
+        if not torch.equal(made.time_ids(*self.image_size, 1), pipe.size_conditioning.time_ids(*self.image_size, 1)):
+            raise UserError(f"the inversion was made with SDXL size conditioning {made.to_dict() or 'of the image size'}"
+                            f", the edit asks for {pipe.size_conditioning.to_dict() or 'the image size'}: use the same "
+                            "(--sdxl-original-size, --sdxl-crop, --sdxl-target-size) or invert again")
         if self.method == "null-text":
             uncond = self.uncond[:, None]  # (N, 1, 77, width): one embedding per step, shared by the prompts
         elif self.method == "negative-prompt":
