@@ -132,9 +132,9 @@ class Inversion:
                             "again with this model")
         made = SizeConditioning(**{k: tuple(v) for k, v in self.info.get("size_conditioning", {}).items()})
         if not torch.equal(made.time_ids(*self.image_size, 1), pipe.size_conditioning.time_ids(*self.image_size, 1)):
-            raise UserError(f"the inversion was made with SDXL size conditioning {made.to_dict() or 'of the image size'}"
-                            f", the edit asks for {pipe.size_conditioning.to_dict() or 'the image size'}: use the same "
-                            "(--sdxl-original-size, --sdxl-crop, --sdxl-target-size) or invert again")
+            made, now = made.to_dict() or "of the image size", pipe.size_conditioning.to_dict() or "the image size"
+            raise UserError(f"the inversion was made with SDXL size conditioning {made}, the edit asks for {now}: use "
+                            "the same (--sdxl-original-size, --sdxl-crop, --sdxl-target-size) or invert again")
         if self.method == "null-text":
             uncond = self.uncond[:, None]  # (N, 1, 77, width): one embedding per step, shared by the prompts
         elif self.method == "negative-prompt":

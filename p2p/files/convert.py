@@ -131,7 +131,8 @@ def write_folder(out: Path, src: Path, cfg: ModelConfig, fam: Family, sds: dict,
     for part, sub in fam.folders.items():
         folder = out / sub
         folder.mkdir()
-        save_file(own_storage(file_tensors(fam, part, sds)), str(folder / WEIGHT_NAMES[part]), metadata={"format": "pt"})
+        save_file(own_storage(file_tensors(fam, part, sds)), str(folder / WEIGHT_NAMES[part]),
+                  metadata={"format": "pt"})
         if source and (source / sub / "config.json").is_file():
             shutil.copy2(source / sub / "config.json", folder / "config.json")
         else:
