@@ -287,6 +287,7 @@ def ldmbert_config_from_diffusers(d: dict) -> LDMBertConfig:
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels]
     heads = cfg.heads if isinstance(cfg.heads, int) else list(cfg.heads)
+    depth = cfg.transformer_layers if isinstance(cfg.transformer_layers, int) else list(cfg.transformer_layers)
     return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": heads,
             "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
             "cross_attention_dim": cfg.cross_attention_dim, "down_block_types": down, "downsample_padding": 1,
@@ -294,7 +295,11 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
             "layers_per_block": cfg.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-5,
             "norm_num_groups": cfg.norm_num_groups, "out_channels": cfg.out_channels, "sample_size": cfg.sample_size,
             "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
-            "use_linear_projection": cfg.use_linear_projection, "upcast_attention": cfg.upcast_attention}
+            "use_linear_projection": cfg.use_linear_projection, "upcast_attention": cfg.upcast_attention,
+            "transformer_layers_per_block": depth,
+            **({"addition_embed_type": "text_time", "addition_time_embed_dim": cfg.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim}
+               if cfg.addition_time_embed_dim else {})}
 
 
 def vae_config_to_diffusers(cfg: VAEConfig, image_size: int) -> dict:
@@ -313,3 +318,14 @@ def text_config_to_json(cfg: CLIPTextConfig | LDMBertConfig) -> dict:
                 **asdict(cfg)}
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "bos_token_id": 49406,
             "eos_token_id": 49407, "pad_token_id": 49407, **asdict(cfg)}
+
+
+def sdxl_text_configs_to_json(cfg: SDXLTextConfig) -> tuple[dict, dict]:
+    """text_encoder/config.json (CLIP ViT-L, a CLIPTextModel) and text_encoder_2/config.json (bigG, a
+    CLIPTextModelWithProjection with its projection_dim) of an SDXL folder; the layer read is the family's, not
+    written (sdxl_text_config_from_transformers reads it back)."""
+    first, second = ({k: v for k, v in text_config_to_json(c).items() if k not in ("layer", "projection_dim")}
+                     for c in (cfg.clip, cfg.open_clip))
+    second.update(architectures=["CLIPTextModelWithProjection"], projection_dim=cfg.open_clip.projection_dim,
+                  pad_token_id=0)  # bigG pads with "!" = 0
+    return first, second

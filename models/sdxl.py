@@ -88,10 +88,49 @@ def split_conditioning(context: torch.Tensor, pooled_dim: int) -> tuple[torch.Te
     return context[:, :MAX_LENGTH], context[:, MAX_LENGTH, :pooled_dim]
 
 
-def time_ids(height: int, width: int, batch: int, crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """SDXL's micro-conditioning (B, 6): original size (h, w), crop top-left, target size (h, w). At inference
-    diffusers and sgm's demo pass the image's own size as both sizes and a (0, 0) crop."""
-    return torch.tensor([[height, width, *crop, height, width]], dtype=torch.float32).expand(batch, 6)
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning (Podell et al. 2023, §2.2): the size the training image had before it was resized
+    (`original_size`), the top-left corner of the crop taken from it (`crops_coords_top_left`), and the size asked
+    for (`target_size`), each (height, width) or (top, left) in pixels: diffusers' StableDiffusionXLPipeline
+    arguments of these names. None is the image's own size, crop (0, 0): what diffusers and sgm's demo pass by
+    default. Both guidance branches get the same numbers, as diffusers does when its negative_* sizes are unset.
+    The paper's uses: an original size below the target gives the blur of upscaled training images, a crop away
+    from (0, 0) an object cut at the border."""
+
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        for name, low in (("original_size", 1), ("crops_coords_top_left", 0), ("target_size", 1)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, (str, bytes)) or len(v) != 2 or not all(isinstance(x, int) and x >= low for x in v):
+                raise UserError(f"SDXL's {name} takes two whole numbers of pixels "
+                                f"{'>= 0 (top, left)' if low == 0 else '> 0 (height, width)'}, got {v!r}")
+            object.__setattr__(self, name, tuple(v))
+
+    @property
+    def is_default(self) -> bool:
+        return self == SizeConditioning()
+
+    def time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
+        """(B, 6): original size (h, w), crop top-left, target size (h, w) for an image of height x width."""
+        return time_ids(height, width, batch, self.crops_coords_top_left, self.original_size, self.target_size)
+
+    def to_dict(self) -> dict:
+        """The values set, as lists (for the metadata written with an image)."""
+        return {k: list(v) for k, v in self.__dict__.items() if v is not None and v != SizeConditioning().__dict__[k]}
+
+
+def time_ids(height: int, width: int, batch: int, crop: tuple[int, int] = (0, 0),
+             original: tuple[int, int] | None = None, target: tuple[int, int] | None = None) -> torch.Tensor:
+    """SDXL's micro-conditioning (B, 6): original size (h, w), crop top-left, target size (h, w); the sizes
+    default to the image's own (diffusers' `_get_add_time_ids` with original_size = target_size = (height, width))."""
+    return torch.tensor([[*(original or (height, width)), *crop, *(target or (height, width))]],
+                        dtype=torch.float32).expand(batch, 6)
 
 
 class _PaddedWithBang(CLIPTokenizer):

@@ -234,14 +234,6 @@ def test_tiny_single_file_generates_as_diffusers(folder, clip_vocab_dir, tmp_pat
         Pipeline.from_pretrained(path, tokenizer=clip_vocab_dir, config="tiny-sd2", device="cpu")
 
 
-def test_convert_says_sdxl_is_not_written(folder, tmp_path):
-    from p2p.files.convert import convert
-
-    with pytest.raises(CheckpointError, match="does not write its two-tower folders yet"):
-        convert(folder[1], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 def test_zeroed_negative_is_what_diffusers_samples(folder, pipe):
     """The comparison can fail: with the encoding of "" as the negative (SD's convention) the image differs."""
     ref, _ = folder

@@ -147,6 +147,21 @@ def ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def pixel_pair(what: str, low: int):
+    """An argparse type: "1024,768" -> (1024, 768), two whole numbers >= low (SDXL's sizes and crop)."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            values = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 2 or any(v < low for v in values):
+            raise argparse.ArgumentTypeError(f"takes {what} in pixels, two whole numbers >= {low} separated by a "
+                                             f"comma, e.g. {'0,256' if low == 0 else '1024,1024'}; got {text!r}")
+        return values
+    parse.__name__ = what
+    return parse
+
+
 def places(text: str) -> tuple[str, ...]:
     from p2p.core.sites import PLACES
 
@@ -241,6 +256,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=device, help="cuda, cuda:N, mps or cpu (default: the first available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype to run in (default float16 on a GPU, float32 on the CPU)")
+    g = p.add_argument_group("SDXL micro-conditioning (diffusers' original_size, crops_coords_top_left, target_size)")
+    g.add_argument("--sdxl-original-size", type=pixel_pair("H,W", 1), metavar="H,W", help="the size the model is "
+                   "told the image had before resizing (default: the image's size; smaller looks upscaled)")
+    g.add_argument("--sdxl-crop", type=pixel_pair("TOP,LEFT", 0), metavar="TOP,LEFT", help="the top-left corner of "
+                   "the crop the model is told was taken (default 0,0; other values cut the subject at the border)")
+    g.add_argument("--sdxl-target-size", type=pixel_pair("H,W", 1), metavar="H,W",
+                   help="the target size the model is told (default: the image's size)")
 
 
 def add_steps_arg(g) -> None:
@@ -372,8 +394,9 @@ def build_parser() -> Parser:
     add_model_args(p)
     add_edit_args(p)
     add_generation_args(p)
-    p.add_argument("--res", type=checked("res"), default=16,
-                   help="native resolution of the maps averaged (default 16; the embedded model has 16 and 8)")
+    p.add_argument("--res", type=checked("res"), help="native resolution of the maps averaged (default: the model's "
+                   "local-blend level: 16 for SD v1 and SD 2.x-base, 24 for SD 2.x at 768 px, 32 for SDXL, 8 for the "
+                   "embedded model, which has 16 and 8)")
     p.add_argument("--places", type=places, default=("up", "down"),
                    help="places averaged (default up,down, as the authors)")
     p.add_argument("--window", type=fraction_or_window("--window"),
@@ -420,16 +443,17 @@ def build_parser() -> Parser:
     p.add_argument("--list", action="store_true", help="list the known models")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = command("convert", "convert a model's PyTorch pickles (LDM's public files, .ckpt) to a safetensors "
-                "diffusers folder, running no pickled code")
-    p.add_argument("src", help="a diffusers folder (LDM: unet/ vqvae/ bert/ tokenizer/; SD v1: unet/ vae/ "
-                   "text_encoder/ tokenizer/) or a CompVis single file (model.ckpt, sd-v1-4.ckpt)")
+    p = command("convert", "convert a model's PyTorch pickles (LDM's public files, .ckpt) or a single file "
+                "(SDXL's) to a safetensors diffusers folder, running no pickled code")
+    p.add_argument("src", help="a diffusers folder (LDM: unet/ vqvae/ bert/ tokenizer/; SD v1, 2.x: unet/ vae/ "
+                   "text_encoder/ tokenizer/; SDXL: also text_encoder_2/ tokenizer_2/) or a single file "
+                   "(model.ckpt, sd-v1-4.ckpt, v2-1_768-ema-pruned.ckpt, sd_xl_base_1.0.safetensors)")
     p.add_argument("dst", help="the folder to write (must not exist); written in full or not at all")
     p.add_argument("--tokenizer", help="tokenizer to include (required for a single file): LDM: a BERT uncased "
-                   "vocab.txt or its tokenizer/ folder; SD v1: a tokenizer/ folder, tokenizer.json or "
+                   "vocab.txt or its tokenizer/ folder; SD v1, 2.x, XL: a tokenizer/ folder, tokenizer.json or "
                    "bpe_simple_vocab_16e6.txt.gz")
-    p.add_argument("--model-config", help="preset a single file is read with (default: its family's, ldm or sd-v1; "
-                   "SD 2.x: sd2-base or sd2 by its name)")
+    p.add_argument("--model-config", help="preset a single file is read with (default: its family's, ldm, sd-v1 or "
+                   "sdxl; SD 2.x: sd2-base or sd2 by its name)")
     p.add_argument("--no-ema", action="store_true", help="take the non-EMA UNet of a full-EMA single file")
     parser.commands = commands
     return parser

@@ -20,11 +20,30 @@ from .args import rule_message
 from .checks import check_edit, check_size, edit_settings, read_inverted, warn_unknown_words
 
 
+SIZE_FLAGS = {"original_size": "--sdxl-original-size", "crops_coords_top_left": "--sdxl-crop",
+              "target_size": "--sdxl-target-size"}
+
+
 def load_pipeline(args):
+    """The model of --model, with SDXL's size conditioning of the --sdxl-* flags (refused for another family)."""
+    from models.families import family
     from p2p.core.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+    pipe = Pipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                                     variant=args.variant, ema=not args.no_ema, config=args.model_config)
+    sizes = {k: getattr(args, flag[2:].replace("-", "_"), None) for k, flag in SIZE_FLAGS.items()}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    if not sizes:
+        return pipe
+    if not pipe.micro_conditioned:
+        raise UserError(f"{', '.join(SIZE_FLAGS[k] for k in sizes)}: only SDXL is conditioned on sizes and crops; "
+                        f"{args.model} is a {family(pipe.cfg.family).title} model: leave them out")
+    return pipe.with_size_conditioning(**sizes)
+
+
+def size_meta(pipe) -> dict:
+    """The SDXL size conditioning set (none: the image's own size), as the --sdxl-* flags name it, for metadata."""
+    return {SIZE_FLAGS[k][2:].replace("-", "_"): v for k, v in pipe.size_conditioning.to_dict().items()}
 
 
 # --- generate, edit, invert ----------------------------------------------------------------------------------
@@ -35,7 +54,8 @@ def generation_settings(args, pipe) -> dict:
     return {"model": str(args.model), "seed": pick(args.seed, 0), "steps": pick(args.steps, pipe.cfg.steps),
             "guidance": pick(args.guidance, pipe.cfg.guidance), "height": pick(args.height, pipe.cfg.image_size),
             "width": pick(args.width, pipe.cfg.image_size), "eta": pick(args.eta, 0.0),
-            "negative_prompt": args.negative_prompt or "", "dtype": str(pipe.dtype).removeprefix("torch.")}
+            "negative_prompt": args.negative_prompt or "", "dtype": str(pipe.dtype).removeprefix("torch."),
+            **size_meta(pipe)}
 
 
 def cmd_generate(args) -> int:
@@ -93,7 +113,7 @@ def cmd_edit(args) -> int:
     inversion, extra = inversion_of(args, pipe, settings, inverted)
     result = run_edit(pipe, settings, progress=not args.quiet, inversion=inversion)
     with staged_folder(args.out_dir) as tmp:  # 0.png, 1.png, ..., grid.png appear together or not at all
-        paths = save_edit(result, tmp, {"model": str(args.model), **extra})
+        paths = save_edit(result, tmp, {"model": str(args.model), **extra, **size_meta(pipe)})
     print(f"wrote {len(paths)} images to {args.out_dir} ({time.perf_counter() - t0:.1f} s on {pipe.device})")
     return 0
 
@@ -187,23 +207,30 @@ def cmd_sweep(args) -> int:
     inversion, extra = inversion_of(args, pipe, settings, inverted)
     sheet, _ = sweep(pipe, settings, args.param, values, progress=not args.quiet, inversion=inversion)
     out = save_image(sheet, args.out, {"command": "sweep", "param": args.param, "values": [str(v) for v in values],
-                                       "model": str(args.model), **extra, **settings.to_dict()})
+                                       "model": str(args.model), **extra, **settings.to_dict(), **size_meta(pipe)})
     print(f"wrote {out}")
     return 0
 
 
-def check_maps(args, pipe, steps: int) -> None:
-    """--res among the model's cross-attention sides, and a --window that covers at least one step."""
+def check_maps(args, pipe, steps: int) -> int:
+    """-> the res of the maps: --res, else the model's local-blend level (p2p/core/sites.py: 16 for SD v1 and SD 2.x
+    at 512 px, 24 for SD 2.x at 768, 32 for SDXL at 1024, 8 for the embedded model), the maps the authors show and
+    blend from (16 for SD v1 and LDM in their notebooks). Refuses a res the model has no cross-attention maps at in
+    --places, and a --window that covers no step."""
     from p2p.core.controller import step_range
+    from p2p.core.sites import p2p_defaults
 
+    res = p2p_defaults(pipe.cfg).blend_res if args.res is None else args.res
     have = sorted({s.res for s in pipe.unet.sites if s.kind == "cross" and s.place in args.places}, reverse=True)
-    if args.res not in have:
-        raise UserError(f"--res {args.res}: this model's cross-attention maps in {','.join(args.places)} are at res "
-                        f"{', '.join(map(str, have))}; give one of them")
+    if res not in have:
+        given = f"--res {res}" if args.res is not None else f"the model's default --res {res}"
+        raise UserError(f"{given}: this model's cross-attention maps in {','.join(args.places)} are at res "
+                        f"{', '.join(map(str, have)) or 'none'}; give one of them (--res {have[0] if have else 'N'})")
     if args.window is not None:
         lo, hi = step_range(args.window, steps)
         if lo >= hi:
             raise UserError(f"--window {args.window} covers none of the {steps} steps; widen it")
+    return res
 
 
 def cmd_attention(args) -> int:
@@ -219,9 +246,6 @@ def cmd_attention(args) -> int:
     if args.self_components:
         check_output(self_out, flag="the self-attention sheet")
     inverted = read_inverted(args)
-    kinds = ("cross", "self") if args.self_components else ("cross",)
-    sites = SiteSelection(kinds=kinds, places=args.places, res=(args.res,))
-    store = AttentionStore(sites, window=args.window)  # only what is shown
     editing = bool(args.target or args.mode or args.reweight or args.edit_config)
     settings = None
     if editing or args.image or inverted:
@@ -236,7 +260,10 @@ def cmd_attention(args) -> int:
     warn_unknown_words(args, prompts)
     pipe = load_pipeline(args)
     steps = inverted.steps if inverted else (settings.steps if settings else None) or args.steps or pipe.cfg.steps
-    check_maps(args, pipe, steps)
+    res = check_maps(args, pipe, steps)
+    kinds = ("cross", "self") if args.self_components else ("cross",)
+    sites = SiteSelection(kinds=kinds, places=args.places, res=(res,))
+    store = AttentionStore(sites, window=args.window)  # only what is shown
     extra = {}
     if settings is not None:
         settings = edit_settings(args, pipe.cfg)
@@ -260,8 +287,8 @@ def cmd_attention(args) -> int:
     sheet = sheets[0] if len(sheets) == 1 else grid(sheets, prompts, rows=len(sheets))
     components = (component_sheet(self_attention_components(store, sites, 0, args.self_components))
                   if args.self_components else None)
-    meta = {"command": "attention", "prompts": prompts, "res": args.res, "places": list(args.places),
-            "model": str(args.model), "seed": args.seed or 0, **extra}
+    meta = {"command": "attention", "prompts": prompts, "res": res, "places": list(args.places),
+            "model": str(args.model), "seed": args.seed or 0, **extra, **size_meta(pipe)}
     save_image(sheet, out, meta)
     if components is not None:
         save_image(components, self_out, meta)

@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from models.errors import MissingFileError, UserError
+from models.sdxl import SizeConditioning
 
 from p2p.files.images import encode_image, load_image
 
@@ -129,6 +130,11 @@ class Inversion:
         if fp is not None and not same_model(fp, fingerprint(pipe)):
             raise UserError("the inversion was made with another model (its UNet weights differ): invert the image "
                             "again with this model")
+        made = SizeConditioning(**{k: tuple(v) for k, v in self.info.get("size_conditioning", {}).items()})
+        if not torch.equal(made.time_ids(*self.image_size, 1), pipe.size_conditioning.time_ids(*self.image_size, 1)):
+            made, now = made.to_dict() or "of the image size", pipe.size_conditioning.to_dict() or "the image size"
+            raise UserError(f"the inversion was made with SDXL size conditioning {made}, the edit asks for {now}: use "
+                            "the same (--sdxl-original-size, --sdxl-crop, --sdxl-target-size) or invert again")
         if self.method == "null-text":
             uncond = self.uncond[:, None]  # (N, 1, 77, width): one embedding per step, shared by the prompts
         elif self.method == "negative-prompt":
@@ -291,6 +297,8 @@ def invert(pipe, image: str | Path | Image.Image, prompt: str, method: str = "nu
     cond = pipe.encode_text([prompt])
     trajectory = ddim_inversion(pipe, z_0, cond, steps, progress)
     info = {"model_fingerprint": fingerprint(pipe)}
+    if pipe.size_conditioning.to_dict():  # SDXL sizes other than the image's own: the edit must use the same
+        info["size_conditioning"] = pipe.size_conditioning.to_dict()
     uncond = offsets = None
     if method == "null-text":
         uncond, stats = null_text_optimisation(pipe, trajectory, cond, pipe.encode_negative(""), steps, guidance,

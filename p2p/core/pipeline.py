@@ -27,7 +27,7 @@ from models.ddim import DDIM
 from models.errors import UserError
 from models.families import family
 from models.presets import ModelConfig, preset
-from models.sdxl import split_conditioning, time_ids
+from models.sdxl import SizeConditioning, split_conditioning
 from models.tokenizer import PromptTokenizer
 from models.unet import UNet
 from models.vae import AutoencoderKL
@@ -71,7 +71,7 @@ class Pipeline:
     """A text-to-image latent diffusion model: tokenizer, text encoder, UNet, VAE and DDIM schedule."""
 
     def __init__(self, cfg: ModelConfig, unet: UNet, vae: AutoencoderKL, text_encoder: nn.Module,
-                 tokenizer: PromptTokenizer):
+                 tokenizer: PromptTokenizer, size_conditioning: SizeConditioning = SizeConditioning()):
         fam = family(cfg.family)
         if not isinstance(text_encoder, fam.text_encoder) or not isinstance(tokenizer, fam.tokenizer):
             raise TypeError(f"a {cfg.family!r} pipeline takes a {fam.text_encoder.__name__} and a "
@@ -81,6 +81,10 @@ class Pipeline:
             raise UserError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the text encoder "
                             f"embeds {cfg.text.vocab_size}: a tokenizer of another model?")
         self.cfg, self.unet, self.vae, self.text_encoder, self.tokenizer = cfg, unet, vae, text_encoder, tokenizer
+        if not size_conditioning.is_default and not unet.cfg.addition_time_embed_dim:
+            raise UserError(f"original size, crop and target size condition SDXL only; this is a {fam.title} model: "
+                            "leave them out")
+        self.size_conditioning = size_conditioning
         self.ddim = DDIM(cfg.ddim)
         for m in (unet, vae, text_encoder):
             m.eval().requires_grad_(False)
@@ -154,13 +158,13 @@ class Pipeline:
 
     def predict(self, z_t: torch.Tensor, t, context: torch.Tensor, controller: Controller | None = None) -> torch.Tensor:
         """The network's prediction at (z_t, t, psi): eps_theta, or v for a v-prediction model (DDIM reads either).
-        SDXL: psi's vector row is the pooled embedding, and the size conditioning is the image's own size
-        (original = target = the latent's size x 8, crop (0, 0): diffusers' default)."""
+        SDXL: psi's vector row is the pooled embedding, and the size conditioning is `size_conditioning`'s (by
+        default the image's own size, original = target = the latent's size x 8, crop (0, 0): diffusers' default)."""
         if not self.micro_conditioned:
             return self.unet(z_t, t, context, controller)
         states, pooled = split_conditioning(context, self.cfg.text.pooled_dim)
         s = self.cfg.vae_scale
-        sizes = time_ids(z_t.shape[-2] * s, z_t.shape[-1] * s, z_t.shape[0]).to(z_t.device)
+        sizes = self.size_conditioning.time_ids(z_t.shape[-2] * s, z_t.shape[-1] * s, z_t.shape[0]).to(z_t.device)
         return self.unet(z_t, t, states, controller, added=(pooled, sizes))
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
@@ -249,4 +253,17 @@ class Pipeline:
 
     def with_config(self, **changes) -> Pipeline:
         """The same networks with other sampling defaults (e.g. steps, guidance)."""
-        return Pipeline(replace(self.cfg, **changes), self.unet, self.vae, self.text_encoder, self.tokenizer)
+        return Pipeline(replace(self.cfg, **changes), self.unet, self.vae, self.text_encoder, self.tokenizer,
+                        self.size_conditioning)
+
+    def with_size_conditioning(self, original_size: tuple[int, int] | None = None,
+                               crops_coords_top_left: tuple[int, int] = (0, 0),
+                               target_size: tuple[int, int] | None = None) -> Pipeline:
+        """The same networks, SDXL conditioned on these sizes (models/sdxl.py `SizeConditioning`; the arguments of
+        diffusers' StableDiffusionXLPipeline) in everything they sample: generation, edits, inversions. None: the
+        image's own size. Refused for a model without SDXL's micro-conditioning.
+
+            pipe.with_size_conditioning(original_size=(512, 512), crops_coords_top_left=(0, 256)).generate(...)
+        """
+        return Pipeline(self.cfg, self.unet, self.vae, self.text_encoder, self.tokenizer,
+                        SizeConditioning(original_size, crops_coords_top_left, target_size))

@@ -11,13 +11,20 @@ The result is a diffusers folder like the public ones, with safetensors weights:
 
     model_index.json  scheduler/scheduler_config.json  tokenizer/
     unet/{config.json, diffusion_pytorch_model.safetensors}
-    vqvae/ (LDM) or vae/ (SD v1): {config.json, diffusion_pytorch_model.safetensors}
-    bert/ (LDM) or text_encoder/ (SD v1): {config.json, model.safetensors}
+    vqvae/ (LDM) or vae/ (SD v1, 2.x, XL): {config.json, diffusion_pytorch_model.safetensors}
+    bert/ (LDM) or text_encoder/ (SD v1, 2.x, XL): {config.json, model.safetensors}
+    SDXL also: text_encoder_2/{config.json, model.safetensors} (bigG, a CLIPTextModelWithProjection), tokenizer_2/
+
+SDXL's single file (`sd_xl_base_1.0.safetensors`, or a .ckpt of the same layout, which the runtime does not read)
+becomes the folder diffusers' StableDiffusionXLPipeline reads: CLIP-L and bigG apart, bigG's fused q/k/v split and
+its `text_projection` a Linear weight (models/checkpoint.py `sdxl_text_from_sgm`), tokenizer_2 the same BPE padded
+with "!" as the hub's.
 
 The configs, the scheduler and the tokenizer of a source folder are copied as they are (model_index.json
 too, with the components not written, e.g. SD's safety_checker, set to null). For a single file they are
 written from the preset it is read with (the family's full-size one unless `config` says otherwise), and the
-tokenizer, which a single file does not carry, comes from `tokenizer`. Tensors keep their
+tokenizer, which a single file does not carry, comes from `tokenizer` (bare BPE files get the tokenizer_config.json
+transformers needs: length 77 and the family's padding token). Tensors keep their
 names (ours are the diffusers names; a VAE with the deprecated attention names gets the current ones) and
 their dtypes; every network's weights are checked to fit it before anything is written. Everything is
 written into a temporary folder next to `dst`, renamed to `dst` at the end: a failure leaves nothing.
@@ -35,20 +42,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.checkpoint import PICKLE_SUFFIXES, CheckpointError, check_fit
+from models.checkpoint import PICKLE_SUFFIXES, CheckpointError, check_fit, split_prefix
 from models.families import Family, family
-from models.presets import ModelConfig, text_config_to_json, unet_config_to_diffusers, vae_config_to_diffusers
-from models.tokenizer import CLIPTokenizer, _load_openai_bpe
+from models.presets import (ModelConfig, sdxl_text_configs_to_json, text_config_to_json, unet_config_to_diffusers,
+                            vae_config_to_diffusers)
+from models.sdxl import SDXLTextConfig
+from models.tokenizer import _load_openai_bpe
 from models.unet import UNet
 from models.vae import AutoencoderKL
 
 from p2p.files.loading import read_model
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text": "model.safetensors"}
+                "text": "model.safetensors", "text_2": "model.safetensors"}
 LIBRARIES = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers", "DDIMScheduler": "diffusers",
              "LDMBertModel": "latent_diffusion", "CLIPTextModel": "transformers", "BertTokenizer": "transformers",
-             "CLIPTokenizer": "transformers"}
+             "CLIPTokenizer": "transformers", "CLIPTextModelWithProjection": "transformers"}
+TOWERS = {"text": "text_encoder.", "text_2": "text_encoder_2."}  # SDXL: our SDXLTextEncoder's two towers
 
 
 def convert(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None = None,
@@ -64,9 +74,6 @@ def convert(src: str | Path, dst: str | Path, *, tokenizer: str | Path | None = 
         raise CheckpointError(f"{dst} already exists; convert into a new path (or delete {dst} first)")
     cfg, sds, tok_dir = read_pickles(src, config, ema)
     fam = family(cfg.family)
-    if "text_2" in fam.folders:
-        raise CheckpointError(f"{src} is a {fam.title} model: `p2p convert` does not write its two-tower folders yet; "
-                              "its public files are safetensors, which --model reads directly")
     tok_src = Path(tokenizer) if tokenizer else tok_dir
     if tok_src is None:
         raise CheckpointError(f"{src} is a single checkpoint and carries no tokenizer: pass --tokenizer PATH "
@@ -124,10 +131,8 @@ def write_folder(out: Path, src: Path, cfg: ModelConfig, fam: Family, sds: dict,
     for part, sub in fam.folders.items():
         folder = out / sub
         folder.mkdir()
-        sd = sds[part]
-        if part == "text" and fam.text_file_prefix:  # as transformers writes CLIP files
-            sd = {fam.text_file_prefix + k: v for k, v in sd.items()}
-        save_file(own_storage(sd), str(folder / WEIGHT_NAMES[part]), metadata={"format": "pt"})
+        save_file(own_storage(file_tensors(fam, part, sds)), str(folder / WEIGHT_NAMES[part]),
+                  metadata={"format": "pt"})
         if source and (source / sub / "config.json").is_file():
             shutil.copy2(source / sub / "config.json", folder / "config.json")
         else:
@@ -137,9 +142,30 @@ def write_folder(out: Path, src: Path, cfg: ModelConfig, fam: Family, sds: dict,
     else:
         write_json(out / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **asdict(cfg.ddim)})
     write_tokenizer(out / "tokenizer", tok_src, tok)
+    config = out / "tokenizer" / "tokenizer_config.json"
+    if fam.name != "ldm" and not config.is_file():  # bare BPE files: transformers needs CLIP's length and padding
+        first = getattr(tok, "first", tok)  # SDXL: tokenizer 1 (tokenizer_2 below)
+        write_json(config, {"model_max_length": 77, "pad_token": first.pad_token})
+    if "text_2" in fam.folders:  # SDXL's second tokenizer: the source's, else the same BPE padded with "!"
+        if source and (source / "tokenizer_2").is_dir():
+            shutil.copytree(source / "tokenizer_2", out / "tokenizer_2")
+        else:
+            write_bang_padded(out / "tokenizer", out / "tokenizer_2")
     index = source / "model_index.json" if source else None
     write_json(out / "model_index.json", model_index(fam, json.loads(index.read_text()) if index and
                                                      index.is_file() else None))
+
+
+def file_tensors(fam: Family, part: str, sds: dict) -> dict:
+    """One part's tensors under the names of its diffusers file: CLIP towers with transformers' `text_model.`
+    prefix; SDXL's two towers, held together in our text encoder, apart, bigG's `text_projection` at the top level
+    as in CLIPTextModelWithProjection."""
+    if not part.startswith("text"):
+        return sds[part]
+    sd = split_prefix(sds["text"], TOWERS[part]) if "text_2" in fam.folders else sds["text"]
+    if not fam.text_file_prefix:
+        return sd
+    return {k if k.startswith("text_projection.") else fam.text_file_prefix + k: v for k, v in sd.items()}
 
 
 def component_config(part: str, cfg: ModelConfig) -> dict:
@@ -147,20 +173,26 @@ def component_config(part: str, cfg: ModelConfig) -> dict:
         return unet_config_to_diffusers(cfg.unet)
     if part == "vae":
         return vae_config_to_diffusers(cfg.vae, cfg.image_size)
+    if isinstance(cfg.text, SDXLTextConfig):
+        return sdxl_text_configs_to_json(cfg.text)[part == "text_2"]
     return text_config_to_json(cfg.text)
 
 
 def model_index(fam: Family, index: dict | None) -> dict:
     """The folder's model_index.json: the source's (components not written set to null) or a new one."""
     text_class = "LDMBertModel" if fam.name == "ldm" else "CLIPTextModel"
-    tok_class = "CLIPTokenizer" if issubclass(fam.tokenizer, CLIPTokenizer) else fam.tokenizer.__name__
+    tok_class = "CLIPTokenizer" if fam.name != "ldm" else fam.tokenizer.__name__
     ours = {fam.folders["unet"]: "UNet2DConditionModel", fam.folders["vae"]: "AutoencoderKL",
             fam.folders["text"]: text_class, "tokenizer": tok_class, "scheduler": "DDIMScheduler"}
+    if "text_2" in fam.folders:
+        ours.update({fam.folders["text_2"]: "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"})
     if index is None:
         index = {"_class_name": fam.pipeline_class, "_diffusers_version": "0.42.1",
                  **{k: [LIBRARIES[c], c] for k, c in ours.items()}}
         if fam.pipeline_class == "StableDiffusionPipeline":
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        if fam.zero_negative:  # SDXL: an empty negative prompt is zeros (what the hub's model_index.json says)
+            index.update(force_zeros_for_empty_prompt=True, image_encoder=[None, None], feature_extractor=[None, None])
         return index
     return {k: [None, None] if isinstance(v, list) and len(v) == 2 and k not in ours else v for k, v in index.items()}
 
@@ -181,6 +213,18 @@ def write_tokenizer(out: Path, src: Path, tok) -> None:
     else:
         out.mkdir()
         shutil.copy2(src, out / "tokenizer.json")
+
+
+def write_bang_padded(first: Path, out: Path) -> None:
+    """SDXL's tokenizer_2 from tokenizer/: the same files, padded with "!" (the hub's special_tokens_map.json and
+    tokenizer_config.json say so; models/sdxl.py reads the second tokenizer from the first either way)."""
+    shutil.copytree(first, out)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        d = json.loads((out / name).read_text()) if (out / name).is_file() else {}
+        d["pad_token"] = "!"
+        if name == "tokenizer_config.json":
+            d.setdefault("model_max_length", 77)
+        write_json(out / name, d)
 
 
 def own_storage(sd: dict) -> dict:
