@@ -12,7 +12,8 @@ continues where it stopped:
      guidance works (Ho & Salimans 2022). By default y is v (Salimans & Ho 2022) on SD v1's betas rescaled to
      zero terminal SNR, sampled with trailing DDIM timesteps (Lin et al. 2024): SD v1's own schedule leaves
      alpha_bar_T = 0.0047, and on a 16x16 latent that much signal at t = T fixes the flat colours before the
-     prompt can (the background followed the noise's leaked colour in 88% of samples after a short run).
+     prompt can (the background followed the noise's leaked colour in 88% of samples after a short run; on the
+     same 8-channel VAE, 1,500 steps read the background right in 96% of 48 prompts, against 12% for sd-v1).
      `--schedule sd-v1` trains the epsilon model of SD v1 instead. The model folder's [ddim] states which.
 The networks are the SD code paths (models/) at a small size: preset "embedded" in models/presets.py, with the
 latent's channels set by --latent-channels.
