@@ -9,15 +9,13 @@ from PIL import Image
 from p2p.cli import main as cli
 from p2p.core.controller import Controller, GuidanceLayout
 from p2p.core.pipeline import Pipeline
-from tests.tiny import reference_pipeline
+from tests.tiny import reference_pipeline, save_folder
 
 
 @pytest.fixture(scope="module")
 def folder(clip_vocab_dir, tmp_path_factory):
     ref = reference_pipeline(clip_vocab_dir)
-    path = tmp_path_factory.mktemp("tiny_sd")
-    ref.save_pretrained(path, safe_serialization=True)
-    return ref, path
+    return ref, save_folder(ref, tmp_path_factory.mktemp("tiny_sd"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from p2p.cli import main as cli
 from p2p.core.pipeline import Pipeline
 from p2p.files.output import read_settings
 from tests.test_cli_errors import PROMPT as EMBEDDED_PROMPT, one_line_error
-from tests.tiny import reference_xl_pipeline
+from tests.tiny import reference_xl_pipeline, save_folder
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZES = dict(original_size=(32, 48), crops_coords_top_left=(8, 16), target_size=(96, 64))
@@ -20,9 +20,7 @@ SIZES = dict(original_size=(32, 48), crops_coords_top_left=(8, 16), target_size=
 @pytest.fixture(scope="module")
 def folder(clip_vocab_dir, tmp_path_factory):
     ref = reference_xl_pipeline(clip_vocab_dir)
-    path = tmp_path_factory.mktemp("tiny_sdxl_sizes")
-    ref.save_pretrained(path, safe_serialization=True)
-    return ref, path
+    return ref, save_folder(ref, tmp_path_factory.mktemp("tiny_sdxl_sizes"))
 
 
 @pytest.fixture(scope="module")
