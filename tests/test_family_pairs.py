@@ -8,7 +8,7 @@ from models.checkpoint import CheckpointError
 from models.families import FAMILIES
 from models.presets import PRESETS
 from p2p.files.loading import split_single_file
-from tests.test_sdxl import fixture, meta
+from tests.tiny import fixture_keys as fixture, meta
 
 FILES = {"sd-v1": "sd_v1_single_file_keys.json", "sd-v2": "sd2_single_file_keys.json",
          "sdxl": "sdxl_single_file_keys.json", "ldm": "ldm_single_file_keys.json"}
