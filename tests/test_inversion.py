@@ -12,7 +12,6 @@ mean((z_0 reconstructed - E(x))^2) / mean(E(x)^2):
 """
 import json
 import re
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -28,20 +27,13 @@ from p2p.core.sites import SiteSelection
 from p2p.core.run import run_edit
 from p2p.files.images import encode_image, load_image, open_image, psnr
 from p2p.core.inversion import Inversion, SourceOffsets, invert, reconstruct
-from p2p.core.pipeline import Pipeline
+from tests.tiny import tuned_for_inversion
 
 STEPS = 10
 
 
 def tuned_tiny(tok, seed=0):
-    cfg = replace(PRESETS["tiny"], vae=replace(PRESETS["tiny"].vae, scaling_factor=3.6))
-    pipe = Pipeline.from_config(cfg, tok, seed=seed)
-    with torch.no_grad():
-        pipe.unet.conv_out.weight.mul_(0.05)
-        for name, m in pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                m.to_v.weight.mul_(20)
-    return pipe
+    return tuned_for_inversion(PRESETS["tiny"], tok, seed=seed)
 
 
 @pytest.fixture(scope="module")

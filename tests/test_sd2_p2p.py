@@ -4,36 +4,28 @@ reconstruction of the four methods.
 
 The SD 2 edits (eps and v prediction) are compared with the authors' controllers in tests/test_p2p_parity.py.
 """
-from dataclasses import replace
 
 import pytest
 import torch
 
-from models.presets import PRESETS
 from models.tokenizer import OpenCLIPTokenizer
 from p2p.core.inversion import invert, reconstruct
-from p2p.core.pipeline import Pipeline
 from p2p.core.run import run_edit
 from p2p.core.settings import EditSettings
 from p2p.files.images import encode_image
 from p2p.world import scenes
-from tests.tiny import tiny_sd2
+from tests.tiny import tiny_sd2, tuned_for_inversion
 
 STEPS = 10
-TINY = PRESETS["tiny-sd2"]
 
 
 @pytest.fixture(scope="module")
 def vpipe(clip_vocab_dir):
     """tiny-sd2 predicting v, with unit-std latents and text that matters for guidance (as tests/test_inversion.py's
     model; its output is left at PyTorch's init: a v model with a tiny output is a near-identity sampler)."""
-    cfg = replace(tiny_sd2("v_prediction"), vae=replace(TINY.vae, scaling_factor=3.6))
-    pipe = Pipeline.from_config(cfg, OpenCLIPTokenizer.from_path(clip_vocab_dir), seed=0, dtype=torch.float64)
-    with torch.no_grad():  # float64: the untuned sampler amplifies batch-dependent float32 rounding
-        for name, m in pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                m.to_v.weight.mul_(20)
-    return pipe
+    # float64: the untuned sampler amplifies batch-dependent float32 rounding
+    return tuned_for_inversion(tiny_sd2("v_prediction"), OpenCLIPTokenizer.from_path(clip_vocab_dir),
+                               dtype=torch.float64, output_scale=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ pooled vector, micro-conditioning, zeroed negative prompt).
 
 The SDXL edits are compared with the authors' controllers in tests/test_p2p_parity.py.
 """
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,12 +12,12 @@ from models.sdxl import SDXLTokenizer
 from models.unet import UNet
 from p2p.core.controller import GuidanceLayout
 from p2p.core.inversion import invert, reconstruct
-from p2p.core.pipeline import Pipeline
 from p2p.core.run import run_edit
 from p2p.core.settings import EditSettings
 from p2p.core.sites import p2p_defaults
 from p2p.core.store import AttentionStore
 from p2p.world import scenes
+from tests.tiny import tuned_for_inversion
 
 STEPS = 10
 
@@ -47,15 +46,7 @@ def test_attention_store_at_1024():
 def xpipe(clip_vocab_dir):
     """tiny-sdxl in float64 tuned as tests/test_inversion.py tunes tiny: unit-std latents, a small eps, text that
     matters for guidance."""
-    cfg = PRESETS["tiny-sdxl"]
-    cfg = replace(cfg, vae=replace(cfg.vae, scaling_factor=3.6))
-    pipe = Pipeline.from_config(cfg, SDXLTokenizer.from_path(clip_vocab_dir), seed=0, dtype=torch.float64)
-    with torch.no_grad():
-        pipe.unet.conv_out.weight.mul_(0.05)
-        for name, m in pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                m.to_v.weight.mul_(20)
-    return pipe
+    return tuned_for_inversion(PRESETS["tiny-sdxl"], SDXLTokenizer.from_path(clip_vocab_dir), dtype=torch.float64)
 
 
 def test_inversions_reconstruct(xpipe):

@@ -202,3 +202,16 @@ def load_single_file_on_meta(keys_shapes: dict, cfg: ModelConfig, text_encoder) 
         for part, module in modules.items():
             load_module(module, sds[part], part)
     return modules
+
+
+def tuned_for_inversion(cfg: ModelConfig, tokenizer, *, seed: int = 0, dtype=None, output_scale: float = 0.05):
+    """Random weights of `cfg` tuned so that inversion tests measure something: unit-std latents (VAE scale 3.6),
+    the UNet's output scaled by `output_scale` (a small eps, as a trained model's; 1 leaves it at PyTorch's init) and
+    the cross-attention values x20 (text that matters for guidance)."""
+    pipe = Pipeline.from_config(replace(cfg, vae=replace(cfg.vae, scaling_factor=3.6)), tokenizer, seed=seed, dtype=dtype)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(output_scale)
+        for name, m in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                m.to_v.weight.mul_(20)
+    return pipe
