@@ -135,3 +135,53 @@ def test_training_script_runs_resumes_and_states_its_schedule(tmp_path):
     train.main(args(4))  # --vae-steps 4: the VAE resumes at step 2, the diffusion is done
     assert torch.load(run / "vae.pt", weights_only=True)["step"] == 4 and (run / "latents_vae4.pt").is_file()
     assert json.loads((out / "train.json").read_text())["args"]["vae_steps"] == 4
+
+
+def _average_gradients_worker(rank: int, world: int, init_file: str, x, y, out_dir: str):
+    import torch.distributed as dist
+    from p2p.world import train
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(64, 1))
+    net = net.to(memory_format=torch.channels_last)  # strided gradients, as the UNet's are in training
+    share = len(x) // world
+    part = slice(rank * share, (rank + 1) * share)
+    loss = torch.nn.functional.mse_loss(net(x[part].contiguous(memory_format=torch.channels_last)), y[part])
+    loss.backward()
+    mean = train.average_gradients(list(net.parameters()), world, loss)
+    torch.save({"mean": mean, "grads": [p.grad for p in net.parameters()]}, f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_step_is_the_whole_batch_step(tmp_path):
+    """`torchrun -m p2p.world.train` splits each batch over the processes: after `average_gradients` every rank
+    holds the gradient (and loss) of the whole batch, computed here by autograd on one process."""
+    import torch.multiprocessing as mp
+    x, y = torch.randn(8, 3, 6, 6), torch.randn(8, 1)
+    mp.spawn(_average_gradients_worker, args=(2, str(tmp_path / "store"), x, y, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(64, 1))
+    loss = torch.nn.functional.mse_loss(net(x), y)
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert got["mean"] == pytest.approx(loss.item(), rel=1e-5)
+        for g, p in zip(got["grads"], net.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_training_script_under_torchrun(tmp_path):
+    """Two ranks: rank 0 alone renders, trains the VAE and writes; the export loads and records the launch."""
+    import subprocess
+    import sys
+    run, out = tmp_path / "run", tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "p2p.world.train", "--out", str(run), "--images", "64", "--vae-steps", "2",
+                        "--vae-batch", "4", "--steps", "2", "--batch", "4", "--export", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((out / "train.json").read_text())
+    assert meta["command"].startswith("torchrun --standalone --nproc-per-node 2 -m p2p.world.train")
+    assert "2 process(es)" in meta["hardware"] and torch.load(run / "diffusion.pt", weights_only=True)["step"] == 2
+    assert Pipeline.from_pretrained(out, device="cpu").generate("a big red square", steps=2, progress=False)
