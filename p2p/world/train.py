@@ -17,7 +17,8 @@ continues where it stopped:
      `--schedule sd-v1` trains the epsilon model of SD v1 instead. The model folder's [ddim] states which.
 Data parallel on CPU cores (the diffusion stage): `torchrun --standalone --nproc-per-node 2 -m p2p.world.train ...`
 runs one process per core with gloo; each takes --batch / N of the batch and the gradients are averaged, so
-a step is the same step as one process's on the whole batch. The stages before it run on rank 0 alone.
+a step is the same step as one process's on the whole batch. The stages before it run on rank 0 alone. On this
+project's 2-core CPU, 2 processes x 1 thread take 0.77 s per step of batch 64, one process 1.33 s (1 or 2 threads).
 The networks are the SD code paths (models/) at a small size: preset "embedded" in models/presets.py, with the
 latent's channels set by --latent-channels.
 
