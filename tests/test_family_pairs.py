@@ -31,3 +31,19 @@ def test_each_file_with_its_own_config_is_read(family):
     cfg = PRESETS[CONFIGS[family]]
     sds = split_single_file(meta(fixture(FILES[family])), cfg, path=FILES[family])
     assert set(sds) == {"unet", "vae", "text"} and all(sds.values())
+
+
+@pytest.mark.parametrize("config_family", ["sd-v2", "sdxl", "ldm"])
+def test_a_folder_read_with_another_family_config_is_one_error(tmp_path, clip_vocab_dir, config_family):
+    """A folder is read with its own config; --model-config of another family is refused, not ignored: the
+    native embedded folder and a diffusers SD v1 folder."""
+    from p2p.files.loading import read_model
+    from tests.tiny import reference_pipeline, save_folder
+    folder = save_folder(reference_pipeline(clip_vocab_dir), tmp_path / "sd")
+    for path in ("embedded", folder):
+        with pytest.raises(CheckpointError) as e:
+            read_model(path, config=CONFIGS[config_family])
+        message = str(e.value)
+        assert "is a Stable Diffusion v1 model folder" in message and f"--model-config {CONFIGS[config_family]}" in message
+        assert "leave out --model-config" in message and "\n" not in message
+    assert read_model(folder, config="sd-v1")[0].family == "sd-v1"  # its own family: read as before

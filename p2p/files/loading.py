@@ -40,15 +40,28 @@ def read_model(path: str | Path, *, variant: str | None = None, ema: bool = True
     None reads PyTorch pickles where the family's runtime does (SD v1), True always (`p2p convert`).
     """
     path = EMBEDDED_DIR if str(path) == "embedded" and not Path(path).exists() else Path(path)
-    if path.is_dir() and (path / NATIVE_CONFIG).is_file():
-        return read_native(path)
     if path.is_dir():
-        return read_folder(path, variant, pickles)
+        read = read_native(path) if (path / NATIVE_CONFIG).is_file() else read_folder(path, variant, pickles)
+        check_folder_config(path, read[0], config)
+        return read
     if path.is_file():
         return (*read_single_file(path, config, ema, pickles), None)
     raise MissingFileError(f"model not found: {path} (give a diffusers folder (SD v1: unet/ vae/ text_encoder/ "
                            "tokenizer/; LDM: unet/ vqvae/ bert/ tokenizer/), a single .safetensors checkpoint "
                            "(`p2p download` fetches them), or `embedded` for the small model shipped with p2p)")
+
+
+def check_folder_config(path: Path, cfg: ModelConfig, config: str | ModelConfig | None) -> None:
+    """A folder states its own config, which is what it is read with; a --model-config of another family is a
+    mistake about what the folder holds, so it is refused rather than ignored."""
+    if config is None:
+        return
+    given = preset(config) if isinstance(config, str) else config
+    if given.family != cfg.family:
+        name = config if isinstance(config, str) else f"a {given.family!r} config"
+        raise CheckpointError(f"{path} is a {FAMILIES[cfg.family].title} model folder, read with its own config, "
+                              f"but --model-config {name} is {FAMILIES[given.family].title}: leave out --model-config "
+                              "(it is for single files)")
 
 
 # --- native folders: what p2p.world.train exports, e.g. the embedded default model --------------------------
