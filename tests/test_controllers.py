@@ -141,6 +141,14 @@ def test_local_blend_refuses_maps_too_small_to_make_a_mask(pipe):
         run_edit(pipe, s, progress=False)
 
 
+def test_local_blend_refuses_maps_of_two_grids(pipe):
+    s = EditSettings("a big red square on a green background", ("a big blue square on a green background",),
+                     blend=("square",), blend_sites=SiteSelection(kinds=("cross",), res=(8, 16)), steps=2)
+    with pytest.raises(ValueError, match=r"local blend averages maps of one grid; its sites hold 8x8, 16x16: "
+                                         r"choose one resolution"):
+        run_edit(pipe, s, progress=False)
+
+
 def readme_example() -> str:
     text = README.read_text()
     m = re.search(r"<!-- controller example -->\n```python\n(.*?)```", text, re.S)

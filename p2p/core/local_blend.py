@@ -77,7 +77,11 @@ class LocalBlend(AttentionStore):
         if not sites:
             raise UserError(f"local blend found no cross-attention maps {self.sites.describe()}: this model has "
                             "none there; choose other blend sites (blend_sites=SiteSelection(kinds=('cross',), res=...))")
-        side = min(min(self.sizes[s]) for s in sites)
+        grids = sorted({tuple(self.sizes[s]) for s in sites})
+        if len(grids) > 1:
+            raise UserError("local blend averages maps of one grid; its sites hold " + ", ".join(f"{h}x{w}" for h, w in grids)
+                            + ": choose one resolution (blend_sites=SiteSelection(kinds=('cross',), res=(R,)))")
+        side = min(grids[0])
         if side < MIN_SIDE:
             raise UserError(f"local blend from {side}x{side} attention maps cannot work: the 3x3 max-pool spreads "
                             "each word's peak over the whole grid, so the mask would cover everything and nothing "
