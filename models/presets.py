@@ -77,18 +77,25 @@ PRESETS: dict[str, ModelConfig] = {
         image_size=64,
     ),
     # The embedded default model (p2p/embedded, trained by p2p/world/train.py on p2p/world/scenes.py): SD v1's code paths
-    # at a toy size. 64 px images, a KL-f4 autoencoder (16x16x4 latents), a UNet with attention at 16x16 and
-    # 8x8 and in the mid block at 4x4 (7 transformer blocks, as SD's 16 at 64/32/16/8), a 3-layer CLIP-style
-    # text encoder over the caption vocabulary's BPE (586 tokens). The VAE scaling factor is 1 / std of the
-    # training latents. P2P defaults at its resolutions: blend from the 8x8 maps, self-injection where keys <= 8**2.
+    # at a toy size. 64 px images, a KL-f4 autoencoder with 8 latent channels (16x16x8 latents: SD's 4 lose a small
+    # thing's colour and pattern), a UNet with attention at 16x16 and 8x8 and in the mid block at 4x4 (7 transformer
+    # blocks, as SD's 16 at 64/32/16/8), a 3-layer CLIP-style text encoder over the caption vocabulary's BPE (586
+    # tokens). The VAE scaling factor is 1 / std of the training latents. Trained with v-prediction on SD v1's betas
+    # rescaled to zero terminal SNR, sampled with trailing DDIM timesteps (Lin et al. 2024); guidance 2 read the
+    # prompts back best (p2p/embedded/train.json). P2P defaults at its resolutions: blend from the 8x8 maps,
+    # self-injection where keys <= 8**2.
     "embedded": ModelConfig(
         "sd-v1",
-        unet=UNetConfig(block_out_channels=(48, 96, 96), attention_levels=(True, True, False), layers_per_block=1,
-                        heads=4, cross_attention_dim=128, norm_num_groups=16, sample_size=16),
-        vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, scaling_factor=0.80182),
+        unet=UNetConfig(in_channels=8, out_channels=8, block_out_channels=(48, 96, 96),
+                        attention_levels=(True, True, False), layers_per_block=1, heads=4, cross_attention_dim=128,
+                        norm_num_groups=16, sample_size=16),
+        vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8,
+                      scaling_factor=1.62811),
         text=CLIPTextConfig(vocab_size=586, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                             num_attention_heads=4),
-        guidance=5.0, steps=50, image_size=64,
+        ddim=DDIMConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                        steps_offset=0, set_alpha_to_one=True),
+        guidance=2.0, steps=50, image_size=64,
     ),
     # LDM text2img-large-256: the SD v1 UNet cross-attending to 1280-wide LDMBert states, at 32x32 latents
     # (attention at 32, 16, 8 and the mid block at 4). The authors' LDM notebook: guidance 5, the store

@@ -156,9 +156,9 @@ CASES = [big("square", "red", "green", {"colour": "blue"}), big("circle", "yello
          big("diamond", "blue", "orange", {"colour": "yellow"}, "dotted")]
 SEEDS = (0, 1)
 P2P_MIN_OK = 5  # colour swaps the judge reads as asked, of 6; measured 6 on the shipped model
-IOU_GAIN = 0.2  # mean mask IoU of P2P over the baseline's; measured 0.66 against 0.35
-REFINE_IOU = 0.85  # refinement keeps the object's mask; measured 0.90 to 0.97
-ROUNDTRIP_PSNR = 23.0  # dB, every scene; measured 24.5 to 30.2 (6 scenes of seed 11)
+IOU_GAIN = 0.4  # mean mask IoU of P2P over the baseline's; measured 0.83 against 0.27
+REFINE_IOU = 0.85  # refinement keeps the object's mask; measured 0.95 to 0.97
+ROUNDTRIP_PSNR = 30.0  # dB, every scene; measured 32.1 to 39.2 (6 scenes of seed 11)
 
 
 @pytest.fixture(scope="module")
@@ -196,13 +196,13 @@ def test_refinement_keeps_the_object(pipe):
 
 
 def test_fader_moves_the_strength(pipe):
-    """Pattern: c = 3 shows more stripe contrast than c = -1 (measured 0.188 against 0.156). Colour: c = -1
-    washes the colour out against the source, c = 1 (measured saturation 0.57 against 0.94)."""
+    """Pattern: c = 3 shows more stripe contrast than c = -1 (measured 0.64 against 0.30). Colour: c = -1
+    washes the colour out against the source, c = 1 (measured saturation 0.16 against 0.82)."""
     striped = replace(CASES[0], scene=scenes.with_attribute(CASES[0].scene, 0, "pattern", "striped"))
     pattern = measure_fader(pipe, striped, "pattern")
-    assert pattern["s@3"] > pattern["s@-1"] + 0.01, pattern
+    assert pattern["s@3"] > pattern["s@-1"] + 0.15, pattern
     colour = measure_fader(pipe, CASES[0], "colour")
-    assert colour["s@-1"] < colour["s@1"] - 0.2, colour
+    assert colour["s@-1"] < colour["s@1"] - 0.4, colour
 
 
 def test_vae_round_trip(pipe):
