@@ -62,16 +62,15 @@ from models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unico
 from models.unet import UNet
 from models.vae import AutoencoderKL
 
-from p2p.world import scenes
+from p2p.world import grounding, scenes
 
 # The embedded model's architecture is the preset "embedded" (models/presets.py, configs/models/embedded.toml);
 # a run sets the text encoder's vocabulary from the tokenizer it learns and the VAE scale from its latents.
 EMBEDDED = preset("embedded")
+_SCHEDULE_KEYS = ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "set_alpha_to_one")
 SCHEDULES = {  # --schedule -> the DDIM settings the model is trained and sampled with
-    "zero-snr-v": dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                       steps_offset=0, set_alpha_to_one=True),
-    "sd-v1": dict(prediction_type="epsilon", rescale_betas_zero_snr=False, timestep_spacing="leading",
-                  steps_offset=1, set_alpha_to_one=False),
+    "zero-snr-v": {k: getattr(EMBEDDED.ddim, k) for k in _SCHEDULE_KEYS},  # the preset's own
+    "sd-v1": {k: getattr(preset("sd-v1").ddim, k) for k in _SCHEDULE_KEYS},
 }
 
 
@@ -187,7 +186,7 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
     ckpt, log = run / "vae.pt", Log(run / "vae_log.jsonl")
     step = load_state(ckpt, {"vae": vae}, opt)[0] if ckpt.is_file() else 0
     g = torch.Generator().manual_seed(seed + step)
-    bar = tqdm(total=steps, initial=step, desc="vae")
+    bar = tqdm(total=steps, initial=step, desc="vae", disable=step >= steps)  # no bar when it is already trained
     while step < steps:
         for group in opt.param_groups:  # cosine decay to 5% (the annealed end sharpens the reconstructions)
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -241,11 +240,26 @@ def average_gradients(params: list, world: int, loss: torch.Tensor) -> float:
     return flat[-1].item()
 
 
+def snr_weights(alpha_bar_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023). In units of the error on z_0, the eps loss
+    weighs a timestep by SNR_t = alpha_bar_t / (1 - alpha_bar_t) and the v loss by SNR_t + 1; these weights make
+    it min(SNR_t, gamma) for either. Under v the near-pure-noise timesteps (SNR < 0.05: 28% of them on the
+    zero-SNR schedule) otherwise weigh about as much as the middle ones, where a thing's outline is decided."""
+    snr = alpha_bar_t / (1 - alpha_bar_t)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
 def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, run: Path,
                     steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, ema_decay: float = 0.999,
-                    rank: int = 0, world: int = 1):
+                    rank: int = 0, world: int = 1, min_snr_gamma: float = 0.0, ground_weight: float = 0.0,
+                    owners: torch.Tensor | None = None, discs: torch.Tensor | None = None):
     """rank, world: this process's place under torchrun; each rank draws batch // world samples from its own
-    generator and `average_gradients` makes the step the whole batch's. Rank 0 alone writes checkpoints and logs."""
+    generator and `average_gradients` makes the step the whole batch's. Rank 0 alone writes checkpoints and logs.
+    min_snr_gamma > 0: each sample's loss is weighted so that its error on z_0 counts min(SNR_t, gamma) times
+    (Min-SNR-gamma, Hang et al. 2023), see `snr_weights`; 0 leaves the plain eps or v loss.
+    ground_weight > 0: adds this times the grounding loss of the cross-attention maps (p2p/world/grounding.py),
+    with owners (n, 77) from `grounding.token_owners` and discs (n, 2, 3) from `dataset`."""
     torch.manual_seed(seed)  # the same initial weights on every rank
     unet, text = UNet(cfg.unet), CLIPTextModel(cfg.text)
     unet = unet.to(memory_format=torch.channels_last)  # 1.14x the steps per second on CPU (1 thread)
@@ -266,13 +280,25 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
         idx = torch.randint(len(latents), (share,), generator=g)
         z0 = latents[idx] * cfg.vae.scaling_factor
         tokens = ids[idx].clone()
-        tokens[torch.rand(share, generator=g) < p_uncond] = empty_ids  # learn psi("") for guidance
+        dropped = torch.rand(share, generator=g) < p_uncond
+        tokens[dropped] = empty_ids  # learn psi("") for guidance
         t = torch.randint(cfg.ddim.num_train_timesteps, (share,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         a = alpha_bar[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # q(z_t | z_0)
         z_t = z_t.contiguous(memory_format=torch.channels_last)
-        loss = F.mse_loss(unet(z_t, t, text(tokens)), ddim.target(z0, eps, t))  # eps or v, as cfg.ddim says
+        recorder = grounding.MapRecorder() if ground_weight > 0 else None
+        err = (unet(z_t, t, text(tokens), recorder) - ddim.target(z0, eps, t)) ** 2  # eps or v, as cfg.ddim says
+        if min_snr_gamma > 0:
+            loss = (snr_weights(alpha_bar[t], min_snr_gamma, cfg.ddim.prediction_type) * err.mean(dim=(1, 2, 3))).mean()
+        else:
+            loss = err.mean()
+        extra = {}
+        if recorder is not None:
+            keep = ~dropped & (alpha_bar[t] >= grounding.MIN_ALPHA_BAR)
+            ground = grounding.grounding_loss(recorder.maps, owners[idx], discs[idx], keep, cfg.image_size)
+            loss = loss + ground_weight * ground
+            extra["ground"] = ground.item()  # this rank's share of the batch
         for group in opt.param_groups:  # linear warm-up, then cosine decay to 10%
             frac = step / max(steps, 1)
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -289,7 +315,7 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
         bar.update(1)
         if step % 50 == 0 and rank == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"])
+            log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"], **extra)
         if (step % 500 == 0 or step == steps) and rank == 0:
             save_state(ckpt, step, modules, opt)
     bar.close()
@@ -340,6 +366,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20_000, help="diffusion training steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-snr-gamma", type=float, default=0.0,
+                   help="weight the diffusion loss by Min-SNR-gamma (Hang et al. 2023), e.g. 5; 0: unweighted")
+    p.add_argument("--ground-weight", type=float, default=0.0,
+                   help="weight of the loss that grounds each object word's cross-attention map on its object "
+                        "(p2p/world/grounding.py); 0: none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
@@ -356,7 +387,7 @@ def main(argv=None):
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
     t0, commit = time.time(), git_commit()  # the code that trains, not whatever is checked out at the end
-    tok = build_tokenizer(run / "tokenizer")
+    tok = build_tokenizer(run / "tokenizer") if rank == 0 else CLIPTokenizer.from_path(run / "tokenizer")
     c = args.latent_channels
     cfg = replace(EMBEDDED, text=replace(EMBEDDED.text, vocab_size=tok.vocab_size),
                   vae=replace(EMBEDDED.vae, latent_channels=c), unet=replace(EMBEDDED.unet, in_channels=c, out_channels=c),
@@ -375,7 +406,8 @@ def main(argv=None):
     if rank == 0 and world > 1:
         dist.barrier()
     unet, text = train_diffusion(cfg, latents, ids, tok.encode([""])[0], run, args.steps, args.batch, args.lr, args.seed,
-                                 rank=rank, world=world)
+                                 rank=rank, world=world, min_snr_gamma=args.min_snr_gamma,
+                                 ground_weight=args.ground_weight, owners=grounding.token_owners(captions), discs=discs)
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:

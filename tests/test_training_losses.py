@@ -1,0 +1,82 @@
+"""The embedded model's optional training losses, against hand computations: Min-SNR-gamma weights and the
+grounding loss of the cross-attention maps (p2p/world/grounding.py)."""
+import math
+
+import pytest
+import torch
+
+from models.presets import preset
+from models.tokenizer import CLIPTokenizer
+from models.unet import UNet
+from p2p.files.loading import EMBEDDED_DIR
+from p2p.world import grounding, scenes
+from p2p.world.train import snr_weights
+
+
+def test_min_snr_weights_make_the_z0_weight_min_snr_gamma():
+    alpha_bar = torch.tensor([1e-4, 0.01, 0.2, 0.5, 0.9, 0.999])
+    snr = alpha_bar / (1 - alpha_bar)
+    # ||v - v_hat||^2 = (SNR + 1) ||z0 - z0_hat||^2 and ||eps - eps_hat||^2 = SNR ||z0 - z0_hat||^2
+    for kind, factor in (("v_prediction", snr + 1), ("epsilon", snr)):
+        torch.testing.assert_close(snr_weights(alpha_bar, 5.0, kind) * factor, snr.clamp(max=5.0))
+    assert snr_weights(torch.tensor([0.0]), 5.0, "v_prediction").item() == 0.0  # zero terminal SNR: no NaN
+
+
+def test_token_owners_follow_the_caption_and_the_tokenizer():
+    tok = CLIPTokenizer.from_path(EMBEDDED_DIR / "tokenizer")
+    caption = "a big red striped square and a small blue circle on a green background"
+    ids, owners = tok.encode([caption])[0], grounding.token_owners([caption])[0]
+    words = {int(i): w for w in scenes.vocabulary() for i in tok.encode([w])[0][1:2]}
+    got = {(words[int(i)], int(o)) for i, o in zip(ids, owners) if o >= 0}
+    assert got == {("big", 0), ("red", 0), ("striped", 0), ("square", 0), ("small", 1), ("blue", 1), ("circle", 1)}
+    assert (owners >= 0).sum() == 7  # "a", "and", "on", the background's words, start/end: not grounded
+
+
+def test_grounding_loss_is_the_mass_outside_the_disc():
+    # one thing at the centre of a 64 px image, radius 10 px; a 4x4 map (16 px cells): the disc grown by half a
+    # cell (8 px) holds the 4 central cells, whose centres are 11.3 px from the image's centre
+    discs = torch.tensor([[[32.0, 32.0, 10.0], [0.0, 0.0, 0.0]]])
+    inside = grounding.disc_masks(discs, (4, 4), 64)[0, 0].view(4, 4)
+    assert inside.sum() == 4 and inside[1:3, 1:3].all()
+    owners = torch.full((1, 5), -1)
+    owners[0, 1] = 0  # token 1 describes thing 0; the others are not grounded
+    M = torch.zeros(1, 2, 16, 5)
+    M[..., 0] = 1.0  # every query attends to token 0 only ...
+    center = inside.flatten().bool()
+    M[0, 0, center, 0], M[0, 0, center, 1] = 0.5, 0.5  # ... but head 0's central queries give token 1 half
+    M[0, 1, ~center, 0], M[0, 1, ~center, 1] = 0.75, 0.25  # head 1: a quarter of the outer ones
+    # token 1's mass, averaged over heads: 4 cells x 0.25 inside, 12 cells x 0.125 outside
+    share = 1.0 / (1.0 + 1.5)
+    loss = grounding.grounding_loss([(M, (4, 4))], owners, discs, torch.tensor([True]), 64)
+    assert math.isclose(loss.item(), (1 - share) ** 2, rel_tol=1e-6)
+    assert grounding.grounding_loss([(M, (4, 4))], owners, discs, torch.tensor([False]), 64).item() == 0.0
+
+
+def test_recorder_sees_the_grounded_maps_with_their_gradient():
+    cfg = preset("embedded")
+    torch.manual_seed(0)
+    unet = UNet(cfg.unet)
+    z = torch.randn(2, cfg.unet.in_channels, 16, 16)
+    context = torch.randn(2, 77, cfg.unet.cross_attention_dim)
+    rec = grounding.MapRecorder()
+    out = unet(z, torch.tensor([10, 500]), context, rec)
+    assert sorted({hw for _, hw in rec.maps}) == [(8, 8), (16, 16)]
+    assert all(M.shape[-1] == 77 and M.requires_grad for M, _ in rec.maps)
+    torch.testing.assert_close(out, unet(z, torch.tensor([10, 500]), context))  # recording changes nothing
+    rec.maps[0][0].sum().backward()
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q.weight.grad is not None
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.05])
+def test_training_step_with_the_new_losses_runs(tmp_path, weight):
+    from p2p.world import train
+    cfg = train.EMBEDDED
+    captions = [scenes.caption(s) for _, _, s in scenes.sample(4, 0)]
+    tok = CLIPTokenizer.from_path(EMBEDDED_DIR / "tokenizer")
+    discs = torch.tensor([[[20.0, 20.0, 8.0], [0.0, 0.0, 0.0]]]).expand(4, 2, 3).clone()
+    latents = torch.randn(4, cfg.unet.in_channels, 16, 16)
+    train.train_diffusion(cfg, latents, tok.encode(captions), tok.encode([""])[0], tmp_path, steps=2, batch=4,
+                          lr=1e-4, seed=0, min_snr_gamma=5.0, ground_weight=weight,
+                          owners=grounding.token_owners(captions), discs=discs)
+    rows = (tmp_path / "diffusion_log.jsonl").read_text() if (tmp_path / "diffusion_log.jsonl").exists() else ""
+    assert (tmp_path / "diffusion.pt").is_file() and rows == ""  # logs every 50 steps; checkpoint at the end
