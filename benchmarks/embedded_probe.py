@@ -1,0 +1,134 @@
+"""Probes of a scene-world model (the embedded one, or a short training run's export) that `p2p eval` does not make:
+where its shapes are lost along the noise levels, and whether its cross-attention maps tell two objects apart.
+
+    python benchmarks/embedded_probe.py                           # the shipped model
+    python benchmarks/embedded_probe.py --model runs/short/export --n 48 --pairs 12
+
+1. Shapes kept from t: real latents z_0 = E(x) of n single-object scenes are noised to z_t = sqrt(alpha_bar_t) z_0
+   + sqrt(1 - alpha_bar_t) eps at the DDIM timestep of index k (of the model's steps), denoised from there with the
+   scene's caption, decoded and read by the judge: the share read right per attribute. At the first timestep this
+   is plain generation for a zero-terminal-SNR model; at later ones it shows from which noise level the model
+   keeps what the latent already holds (SDEdit, Meng et al. 2022, as a probe).
+2. Maps of two objects: `pairs` two-object colour swaps of `p2p eval`'s local-blend row, with blend on the shape
+   word over the --blend-res maps and without: the untouched object's PSNR and the edit's success; and on the
+   blend run's source, each colour and shape word's map (averaged over steps and layers, as local blend does,
+   normalised by its maximum) on its own object, on the other object and on the background.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p2p.core.local_blend import LocalBlend, word_mask  # noqa: E402
+from p2p.core.pipeline import Pipeline  # noqa: E402
+from p2p.core.run import run_edit  # noqa: E402
+from p2p.core.sites import SiteSelection  # noqa: E402
+from p2p.files.loading import EMBEDDED_DIR  # noqa: E402
+from p2p.world import scenes  # noqa: E402
+from p2p.world.evaluate import _assign, jobs_blend, make_pair_cases, parse_caption, score_blend  # noqa: E402
+from p2p.world.judge import judge  # noqa: E402
+
+READ = ("shape", "colour", "pattern", "size")
+
+
+@torch.no_grad()
+def shapes_kept(pipe: Pipeline, n: int, indices: list[int], guidance: float, seed: int = 123) -> dict:
+    rng = np.random.default_rng(seed)
+    items = [scenes.sample_scene(rng, max_things=1) for _ in range(n)]
+    x = torch.stack([torch.from_numpy(np.array(scenes.render(s)[0])).permute(2, 0, 1) for s in items])
+    z_0 = pipe.vae.posterior(x.float() / 127.5 - 1)[0] * pipe.cfg.vae.scaling_factor
+    cond, uncond = pipe.encode_text([scenes.caption(s) for s in items]), pipe.encode_negative("").expand(n, -1, -1)
+    steps = pipe.cfg.steps
+    timesteps = pipe.ddim.timesteps(steps)
+    eps = torch.randn(z_0.shape, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for k in indices:
+        t = timesteps[k]
+        a = pipe.ddim.alpha_bar[t]
+        z = a.sqrt() * z_0 + (1 - a).sqrt() * eps
+        for tt in timesteps[k:]:
+            e_u, e_c = pipe.predict(torch.cat([z, z]), tt, torch.cat([uncond, cond])).chunk(2)
+            z = pipe.ddim.step(e_u + guidance * (e_c - e_u), tt, z, steps)
+        right = dict.fromkeys(READ, 0)
+        for image, s in zip(pipe.decode(z), items):
+            r = judge(image, 1)
+            for attr in READ:
+                right[attr] += bool(r.things) and getattr(r.things[0], attr) == getattr(s.things[0], attr)
+        out[(k, t, float(a))] = {attr: v / n for attr, v in right.items()}
+    return out
+
+
+def two_objects(pipe: Pipeline, pairs: int, res: int) -> tuple[dict, dict]:
+    rows, maps_on = {"without blend": [], "with blend": []}, {}
+    for k, case in enumerate(make_pair_cases(pairs, 0)):
+        for name in rows:
+            (job,) = jobs_blend(case, name == "with blend", None, k)
+            s = job.settings
+            if name == "with blend":
+                s = replace(s, blend_sites=SiteSelection(kinds=("cross",), res=(res,)))
+            result = run_edit(pipe, s, progress=False)
+            row = score_blend("blend", job.settings, None, result.images)[0]
+            rows[name].append(row)
+            if name == "without blend" or "psnr_other" not in row:
+                continue
+            things = parse_caption(s.prompt)[0]
+            source = judge(result.images[0], n_things=2)
+            order = _assign(source.things, things)
+            blend = next(c for c in result.controller.controllers if isinstance(c, LocalBlend))
+            M = torch.stack([blend.average(site) for site in blend.select("cross", blend.sites)]).mean(0)[0]
+            h = M.shape[0]
+            cover = [F.adaptive_avg_pool2d(torch.tensor(source.things[order[j]].mask, dtype=torch.float32)[None, None], h)[0, 0]
+                     for j in range(2)]
+            on, background = [c > 0.5 for c in cover], (cover[0] + cover[1]) < 0.05
+            if not (on[0].any() and on[1].any()):
+                continue
+            for j, thing in enumerate(things):
+                for role in ("colour", "shape"):
+                    tokens = word_mask(pipe.tokenizer, [s.prompt], [thing[role]], role)[0].bool()
+                    m = M[..., tokens].sum(-1)
+                    m = m / m.max()
+                    maps_on.setdefault(role, []).append((m[on[j]].mean().item(), m[on[1 - j]].mean().item(),
+                                                         m[background].mean().item()))
+    return rows, maps_on
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(EMBEDDED_DIR), help="a scene-world model folder (default: the shipped one)")
+    p.add_argument("--n", type=int, default=48, help="single-object scenes for the shapes-kept probe")
+    p.add_argument("--indices", default="0,10,20,30,40", help="timestep indices (of the model's steps) to start from")
+    p.add_argument("--pairs", type=int, default=12, help="two-object colour swaps (0: skip that probe)")
+    p.add_argument("--blend-res", type=int, default=16, help="the maps local blend reads")
+    p.add_argument("--guidance", type=float, help="default: the model's")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = Pipeline.from_pretrained(args.model)
+    w = pipe.cfg.guidance if args.guidance is None else args.guidance
+    print(f"{args.model}: shapes kept, {args.n} single-object scenes, w = {w}")
+    for (k, t, a), right in shapes_kept(pipe, args.n, [int(i) for i in args.indices.split(",")], w).items():
+        print(f"  from step {k:2d} (t = {t:3d}, alpha_bar {a:.4f}): " + ", ".join(f"{x} {v:.0%}" for x, v in right.items()))
+    if args.pairs:
+        rows, maps_on = two_objects(pipe, args.pairs, args.blend_res)
+        print(f"two-object colour swaps ({args.pairs}), local blend on the shape word's {args.blend_res}x{args.blend_res} maps:")
+        for name, rs in rows.items():
+            two = [r for r in rs if "psnr_other" in r]
+            print(f"  {name}: edit success {np.mean([r['success'] for r in rs]):.0%}, untouched object's PSNR "
+                  f"{np.mean([r['psnr_other'] for r in two]):.1f} dB ({len(two)} of {len(rs)} sources show two objects)")
+        for role, v in maps_on.items():
+            a = np.array(v)
+            print(f"  {role} word's map: {a[:, 0].mean():.2f} on its object, {a[:, 1].mean():.2f} on the other, "
+                  f"{a[:, 2].mean():.2f} on the background ({len(a)} words)")
+
+
+if __name__ == "__main__":
+    main()
