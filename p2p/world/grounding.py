@@ -54,16 +54,18 @@ def token_owners(captions: list[str], length: int = 77) -> torch.Tensor:
     return owners
 
 
-def disc_masks(discs: torch.Tensor, hw: tuple[int, int], image_size: int) -> torch.Tensor:
+def disc_masks(discs: torch.Tensor, hw: tuple[int, int], image_size: int, margin: float | None = None) -> torch.Tensor:
     """discs (B, things, 3): centre x, centre y, radius in pixels (radius 0: no such thing) -> (B, things, h*w)
-    float: 1 on the cells of the map's grid whose centre lies within the disc grown by half a cell."""
+    float: 1 on the cells of an h x w grid over the image whose centre lies within the disc grown by `margin`
+    pixels (default: half a cell)."""
     h, w = hw
     cell = image_size / h
+    margin = cell / 2 if margin is None else margin
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) * cell
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) * cell
     dy = ys.view(1, 1, h, 1) - discs[..., 1, None, None]
     dx = xs.view(1, 1, 1, w) - discs[..., 0, None, None]
-    inside = (dx ** 2 + dy ** 2).sqrt() < discs[..., 2, None, None] + cell / 2
+    inside = (dx ** 2 + dy ** 2).sqrt() < discs[..., 2, None, None] + margin
     inside &= (discs[..., 2] > 0)[..., None, None]
     return inside.flatten(2).float()
 

@@ -36,10 +36,11 @@ under torchrun on 2 cores, about 2 hours: colour, pattern, size and background o
 (sd-v1, 4 channels, 7,500 steps) read 60% of shapes; what the shapes need is not yet found.
 
 The diffusion recipe (short runs: 3,000 steps at batch 32, about 21 min each with 2 processes, on the shipped run's
-data and, unless said, its VAE; measured by benchmarks/embedded_probe.py on each run's export: plain generation of 48 prompts at w = 2 read by the judge; "shapes kept": real
-latents of 48 single-object scenes noised to t ~ 600 / ~ 400 and denoised with their caption, shape read right;
-local blend on the shape word's 16x16 maps in 12 two-object colour swaps; a colour word's map averaged over steps
-and layers, normalised by its maximum, on its object / the other object / the background):
+data and, unless said, its VAE; measured by benchmarks/embedded_probe.py on each run's export: plain generation of
+48 prompts at w = 2 read by the judge; "shapes kept": real latents of 48 single-object scenes noised to t ~ 600 /
+~ 400 and denoised with their caption, shape read right; local blend on the shape word's 16x16 maps in 12
+two-object colour swaps; a colour word's map averaged over steps and layers, normalised by its maximum, on its
+object / the other object / the background):
                                         plain: shape colour pattern size  shapes kept  untouched object's   colour
                                                                                        PSNR, blend / none   word's map
     v, unweighted (the shipped recipe)        17%   38%   29%   42%       50% / 79%    23.3 / 23.4 dB    .79 .69 .34
@@ -150,11 +151,8 @@ def object_weights(discs: torch.Tensor, size: int, weight: float, margin: float 
     pixels, 1 elsewhere. The things cover about 10% of a scene, so an unweighted loss spends the autoencoder's
     capacity on the background's texture and lets a small object's colour and pattern go (measured: after 2,000
     steps the round trip kept the colour of 20% of the things, and the background of all of them)."""
-    yx = torch.arange(size, dtype=torch.float32) + 0.5
-    dy = yx.view(1, 1, -1, 1) - discs[..., 1].view(*discs.shape[:2], 1, 1)
-    dx = yx.view(1, 1, 1, -1) - discs[..., 0].view(*discs.shape[:2], 1, 1)
-    inside = (dx ** 2 + dy ** 2 < (discs[..., 2].view(*discs.shape[:2], 1, 1) + margin) ** 2) & (discs[..., 2] > 0)[..., None, None]
-    return 1 + (weight - 1) * inside.any(dim=1, keepdim=True).float()
+    inside = grounding.disc_masks(discs, (size, size), size, margin).amax(dim=1)  # (B, size * size)
+    return 1 + (weight - 1) * inside.view(-1, 1, size, size)
 
 
 def as_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -393,6 +391,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("min_snr_gamma", "ground_weight"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {getattr(args, name)}")
     if args.batch % world:
         p.error(f"--batch {args.batch} does not split over {world} processes: give a multiple of {world}")
     if world > 1:  # under torchrun; the long timeout covers rank 0's VAE stage, which the others wait for
