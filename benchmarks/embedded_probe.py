@@ -53,10 +53,8 @@ def shapes_kept(pipe: Pipeline, n: int, indices: list[int], guidance: float, see
     for k in indices:
         t = timesteps[k]
         a = pipe.ddim.alpha_bar[t]
-        z = a.sqrt() * z_0 + (1 - a).sqrt() * eps
-        for tt in timesteps[k:]:
-            e_u, e_c = pipe.predict(torch.cat([z, z]), tt, torch.cat([uncond, cond])).chunk(2)
-            z = pipe.ddim.step(e_u + guidance * (e_c - e_u), tt, z, steps)
+        z_t = a.sqrt() * z_0 + (1 - a).sqrt() * eps
+        z = pipe.denoise(z_t, cond, uncond, steps=steps, guidance=guidance, start=k, progress=False)
         right = dict.fromkeys(READ, 0)
         for image, s in zip(pipe.decode(z), items):
             r = judge(image, 1)

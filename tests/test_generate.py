@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.errors import UserError
 from p2p.cli import main as cli
 from p2p.core.controller import Controller, GuidanceLayout
 from p2p.core.pipeline import Pipeline
@@ -77,6 +78,28 @@ def test_low_memory_equals_batched_and_controller_is_told_the_layout(pipe):
     assert b.calls == [c for i, t in enumerate(ts) for c in ((i, t, GuidanceLayout(2, slice(0, 2), None)),
                                                              (i, t, GuidanceLayout(2, None, slice(0, 2))))]
 
+
+
+class Latents(Layouts):
+    """Also keeps z after each step."""
+
+    def end_step(self, step, z):
+        self.calls.append(("z", step, z.clone()))
+        return super().end_step(step, z)
+
+
+def test_denoise_from_a_later_step_continues_the_same_run(pipe):
+    """`start=k` from the latent after k steps finishes exactly as the run that went through them (SDEdit's use),
+    and the controller sees the steps of the whole schedule."""
+    cond, uncond = pipe.encode_text(["a red cube", "a blue ball"]), pipe.encode_text([""])
+    z_T, whole, rest = pipe.initial_latent(0, 64, 64), Latents(), Latents()
+    expected = pipe.denoise(z_T, cond, uncond, steps=5, guidance=7.5, controller=whole, progress=False)
+    (z_2,) = [z for tag, step, z in whole.calls if tag == "z" and step == 1]  # after steps 0 and 1
+    got = pipe.denoise(z_2, cond, uncond, steps=5, guidance=7.5, controller=rest, start=2, progress=False)
+    assert torch.equal(got, expected)
+    assert [c for c in rest.calls if c[0] != "z"] == [c for c in whole.calls if c[0] != "z"][2:]
+    with pytest.raises(UserError, match="0 <= start < 5"):
+        pipe.denoise(z_T, cond, uncond, steps=5, guidance=7.5, start=5, progress=False)
 
 def test_same_seed_same_image_and_shared_noise(pipe):
     """Several prompts share z_T (Prompt-to-Prompt's setting): prompt k of a batch equals it alone."""

@@ -182,8 +182,13 @@ class Pipeline:
     @torch.no_grad()
     def denoise(self, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | Sequence[torch.Tensor],
                 *, steps: int, guidance: float, eta: float = 0.0, generator: torch.Generator | None = None,
-                controller: Controller | None = None, low_memory: bool = False, progress: bool = True) -> torch.Tensor:
+                controller: Controller | None = None, low_memory: bool = False, progress: bool = True,
+                start: int = 0) -> torch.Tensor:
         """Guided DDIM from z_T (B or 1 rows) to z_0 (B rows), B = len(cond).
+
+        `start` > 0 takes the first argument as the latent after `start` of the `steps` steps (z at the
+        timestep of index `start`, as SDEdit noises an image) and runs the remaining ones; the controller still
+        sees step indices of the whole schedule.
 
         `uncond` is the unconditional psi("") (B or 1 rows), or one such tensor per step (null-text
         inversion): a list, or a tensor (steps, B or 1, 77, width). With `low_memory` the two guidance
@@ -201,8 +206,10 @@ class Pipeline:
         if per_step and len(uncond) != steps:
             raise UserError(f"uncond has {len(uncond)} per-step entries for {steps} steps: an inversion is "
                             f"made for one number of steps; sample with steps={len(uncond)}")
+        if not 0 <= start < steps:
+            raise UserError(f"start={start} is not a step of a {steps}-step schedule: give 0 <= start < {steps}")
         ctl.begin_sampling(steps)
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
+        for i, t in enumerate(tqdm(timesteps[start:], disable=not progress, desc="denoising", leave=False), start):
             u = uncond[i] if per_step else uncond
             u = u.to(self.device, self.dtype).expand(B, *u.shape[1:])
             if guidance <= 1:
