@@ -1,7 +1,10 @@
-"""The embedded model's optional training losses, against hand computations: Min-SNR-gamma weights and the
-grounding loss of the cross-attention maps (p2p/world/grounding.py)."""
+"""The embedded model's optional training losses, against hand computations: Min-SNR-gamma weights, the
+grounding loss of the cross-attention maps (p2p/world/grounding.py) and the VAE's reconstruction loss (with
+the scale-equivariance term)."""
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +83,27 @@ def test_training_step_with_the_new_losses_runs(tmp_path, weight):
                           owners=grounding.token_owners(captions), discs=discs)
     rows = (tmp_path / "diffusion_log.jsonl").read_text() if (tmp_path / "diffusion_log.jsonl").exists() else ""
     assert (tmp_path / "diffusion.pt").is_file() and rows == ""  # logs every 50 steps; checkpoint at the end
+
+
+def test_vae_reconstruction_loss_is_the_weighted_mean_of_l1_plus_l2():
+    from p2p.world.train import weighted_l1_l2
+    x = torch.zeros(1, 1, 2, 2)
+    rec = torch.tensor([[[[0.5, -1.0], [0.0, 2.0]]]])
+    w = torch.tensor([[[[10.0, 1.0], [1.0, 1.0]]]])
+    # |err| + err^2 per pixel: 0.75, 2, 0, 6; weighted mean (7.5 + 2 + 0 + 6) / 13
+    assert math.isclose(weighted_l1_l2(rec, x, w).item(), 15.5 / 13, rel_tol=1e-6)
+    assert math.isclose(weighted_l1_l2(rec, x, torch.ones(1)).item(), 8.75 / 4, rel_tol=1e-6)
+
+
+def test_vae_step_with_scale_equivariance_runs_and_logs_it(tmp_path):
+    """Both shrink factors (2, 4) with the things' pixel weights; the loss of the shrunk decoding is logged."""
+    from dataclasses import replace
+    from p2p.world import train
+    items = scenes.sample(4, 0)
+    images = torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1) for img, _, _ in items])
+    discs = torch.tensor([[[20.0, 20.0, 8.0], [0.0, 0.0, 0.0]]]).expand(4, 2, 3).clone()
+    cfg = replace(train.EMBEDDED, vae=replace(train.EMBEDDED.vae, latent_channels=8))
+    train.train_vae(cfg, images, tmp_path, steps=50, batch=2, lr=1e-3, seed=0, discs=discs, object_weight=10.0,
+                    scale_equivariance=1.0)
+    row = json.loads((tmp_path / "vae_log.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 50 and 0 < row["se"] < 10
