@@ -107,3 +107,23 @@ def test_vae_step_with_scale_equivariance_runs_and_logs_it(tmp_path):
                     scale_equivariance=1.0)
     row = json.loads((tmp_path / "vae_log.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 50 and 0 < row["se"] < 10
+
+
+def test_vae_from_a_model_folder_starts_the_vae_stage(tmp_path):
+    """--vae-from: the shipped model's VAE, written as the stage-2 checkpoint, comes back from train_vae unchanged
+    (finished at 4,000 steps); a folder of other latent channels is one error naming the fix."""
+    from dataclasses import replace
+    from safetensors.torch import load_file
+    from p2p.world import train
+    cfg = replace(train.EMBEDDED, vae=replace(train.EMBEDDED.vae, latent_channels=8))
+    vae = train.vae_from(EMBEDDED_DIR, cfg.vae)
+    train.save_state(tmp_path / "vae.pt", 4000, {"vae": vae}, torch.optim.AdamW(vae.parameters()))
+    back = train.train_vae(cfg, torch.zeros(1, 3, 64, 64, dtype=torch.uint8), tmp_path, steps=4000, batch=1, lr=1e-3,
+                           seed=0)
+    shipped = load_file(str(EMBEDDED_DIR / "model.safetensors"))
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, shipped["vae." + k].float()), k
+    with pytest.raises(ValueError, match="--latent-channels"):
+        train.vae_from(EMBEDDED_DIR, replace(cfg.vae, latent_channels=4))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        train.vae_from(tmp_path, cfg.vae)

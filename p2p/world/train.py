@@ -57,8 +57,9 @@ object / the other object / the background):
     the previous recipe on that VAE (sd-v1,   19%*  35%   23%   67%       58% / 71%    31.4 / 31.4 dB    .73 .74 .66
       no min-snr, no grounding)
 (* from t = 981, the first of sd-v1's 50 DDIM steps, where alpha_bar is 0.0058: the real latent shows through.
-The rows on another model's VAE start from its weights saved as the run's vae.pt at step 4,000, with a fresh AdamW;
-the tuned one then runs --vae-steps 5500, the end of the cosine schedule.) Grounding binds the words to their
+The rows on another model's VAE start from it with --vae-from DIR (counted as 4,000 steps done, a fresh AdamW); the
+tuned one runs --vae-steps 5500, the tail of the cosine schedule. The previous model's folder is git's
+p2p/embedded before commit 66c364a, its model.toml without the blend_res, self_max_keys and store_max_queries lines.) Grounding binds the words to their
 objects (p2p/world/grounding.py), which local blend needs; Min-SNR helps colour and size a little; 4 channels help
 colour and pattern at this length (its VAE is weaker: shapes kept from t = 199 are 75%, against 94-96% on 8); the
 unweighted 4-channel VAE of 2,000 steps is too weak to tell (shapes kept from t = 199: 48%, colour 46%).
@@ -98,7 +99,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from models.clip import CLIPTextModel
@@ -106,7 +107,7 @@ from models.ddim import DDIM
 from models.presets import ModelConfig, preset, to_toml
 from models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unicode
 from models.unet import UNet
-from models.vae import AutoencoderKL
+from models.vae import AutoencoderKL, VAEConfig
 
 from p2p.world import grounding, scenes
 
@@ -271,6 +272,22 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
     return vae.to(memory_format=torch.contiguous_format).eval()
 
 
+def vae_from(folder: Path, cfg: VAEConfig) -> AutoencoderKL:
+    """A native model folder's VAE (p2p/embedded, an --export), to start the VAE stage from. Raises ValueError
+    naming the mismatch when the folder holds no weights or a VAE of other latent channels."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{folder} has no model.safetensors: give a native model folder (p2p/embedded, an --export)")
+    state = {k.removeprefix("vae."): v.float() for k, v in load_file(str(weights)).items() if k.startswith("vae.")}
+    vae = AutoencoderKL(cfg)
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError:
+        raise ValueError(f"{weights} holds no VAE of {cfg.latent_channels} latent channels: set --latent-channels to "
+                         "the folder's [vae] latent_channels") from None
+    return vae
+
+
 def weighted_l1_l2(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The VAE's reconstruction loss, |err| + err^2, averaged with the pixel weights w (1 or like `object_weights`)."""
     err = rec - x
@@ -423,6 +440,9 @@ def main(argv=None):
     p.add_argument("--vae-scale-equivariance", type=float, default=0.0,
                    help="weight of the VAE's scale-equivariance loss (decode the latent shrunk 2x or 4x against the "
                         "image shrunk as much; Skorokhodov et al. 2025); 0: none")
+    p.add_argument("--vae-from", metavar="DIR",
+                   help="start the VAE stage from this model folder's VAE, counted as 4,000 steps done: used as it is "
+                        "with --vae-steps 4000, tuned further with more (a run that has its own vae.pt keeps it)")
     p.add_argument("--schedule", choices=tuple(SCHEDULES), default="zero-snr-v",
                    help="zero-snr-v: SD v1's betas rescaled to zero terminal SNR, v-prediction, trailing DDIM "
                         "(Lin et al. 2024); sd-v1: SD v1's schedule and the epsilon objective")
@@ -443,6 +463,12 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {getattr(args, name)}")
     if args.batch % world:
         p.error(f"--batch {args.batch} does not split over {world} processes: give a multiple of {world}")
+    start_vae = None
+    if args.vae_from:  # checked on every rank before any waits for another
+        try:
+            start_vae = vae_from(Path(args.vae_from), replace(EMBEDDED.vae, latent_channels=args.latent_channels))
+        except ValueError as e:
+            p.error(f"--vae-from: {e}")
     if world > 1:  # under torchrun; the long timeout covers rank 0's VAE stage, which the others wait for
         dist.init_process_group("gloo", timeout=timedelta(hours=6))
     rank = dist.get_rank() if world > 1 else 0
@@ -459,6 +485,8 @@ def main(argv=None):
                   vae=replace(EMBEDDED.vae, latent_channels=c), unet=replace(EMBEDDED.unet, in_channels=c, out_channels=c),
                   ddim=replace(EMBEDDED.ddim, **SCHEDULES[args.schedule]))
     images, captions, discs = dataset(args.images, args.seed, run / "data.pt")
+    if start_vae is not None and not (run / "vae.pt").is_file():  # counted as 4,000 steps done, with a fresh AdamW
+        save_state(run / "vae.pt", 4000, {"vae": start_vae}, torch.optim.AdamW(start_vae.parameters()))
     vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, bf16=args.vae_bf16,
                     discs=discs, object_weight=args.vae_object_weight,
                     scale_equivariance=args.vae_scale_equivariance)
