@@ -56,13 +56,14 @@ object / the other object / the background):
       model's VAE (4 channels, unweighted)
     the previous recipe on that VAE (sd-v1,   19%*  35%   23%   67%       58% / 71%    31.4 / 31.4 dB    .73 .74 .66
       no min-snr, no grounding)
-(* from t = 981, the first of sd-v1's 50 DDIM steps, where alpha_bar is 0.0058: the real latent shows through.
-The rows on another model's VAE start from it with --vae-from DIR (counted as 4,000 steps done, a fresh AdamW); the
-tuned one runs --vae-steps 5500, the tail of the cosine schedule. The previous model's folder is git's
-p2p/embedded before commit 66c364a, its model.toml without the blend_res, self_max_keys and store_max_queries
-lines.) Grounding binds the words to their objects (p2p/world/grounding.py), which local blend needs; Min-SNR helps colour and size a little; 4 channels help
-colour and pattern at this length (its VAE is weaker: shapes kept from t = 199 are 75%, against 94-96% on 8); the
-unweighted 4-channel VAE of 2,000 steps is too weak to tell (shapes kept from t = 199: 48%, colour 46%).
+(* from t = 981, the first of sd-v1's 50 DDIM steps, where alpha_bar is 0.0058: the real latent shows through. The
+rows on another model's VAE start from it with --vae-from DIR (counted as 4,000 steps done, a fresh AdamW); the
+tuned one runs --vae-steps 5500, the tail of the cosine schedule. The previous model's folder is git's p2p/embedded
+before commit 66c364a, its model.toml without the blend_res, self_max_keys and store_max_queries lines.) Grounding
+binds the words to their objects (p2p/world/grounding.py), which local blend needs; Min-SNR helps colour and size a
+little; 4 channels help colour and pattern at this length (its VAE is weaker: shapes kept from t = 199 are 75%,
+against 94-96% on 8); the unweighted 4-channel VAE of 2,000 steps is too weak to tell (shapes kept from t = 199:
+48%, colour 46%).
 None of them draws shapes: plain generation reads them at chance (20%) in every run. The shipped model keeps 59% /
 78% from the same t; the previous model (epsilon, 4 channels, its VAE unweighted, 7,500 steps at batch 64 on 40,000
 scenes) kept 66-75% of shapes from every starting t, about what its VAE's round trip reads, and follows the shape
