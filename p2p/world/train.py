@@ -100,16 +100,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from models.clip import CLIPTextModel
+from models.errors import UserError
 from models.ddim import DDIM
 from models.presets import ModelConfig, preset, to_toml
 from models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, bytes_to_unicode
 from models.unet import UNet
 from models.vae import AutoencoderKL, VAEConfig
 
+from p2p.files.loading import NATIVE_CONFIG, read_native
 from p2p.world import grounding, scenes
 
 # The embedded model's architecture is the preset "embedded" (models/presets.py, configs/models/embedded.toml);
@@ -274,18 +276,16 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
 
 
 def vae_from(folder: Path, cfg: VAEConfig) -> AutoencoderKL:
-    """A native model folder's VAE (p2p/embedded, an --export), to start the VAE stage from. Raises ValueError
-    naming the mismatch when the folder holds no weights or a VAE of other latent channels."""
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"{folder} has no model.safetensors: give a native model folder (p2p/embedded, an --export)")
-    state = {k.removeprefix("vae."): v.float() for k, v in load_file(str(weights)).items() if k.startswith("vae.")}
+    """A native model folder's VAE (p2p/embedded, an --export; read by `read_native`), to start the VAE stage
+    from. Raises UserError naming the problem when the folder is no native model or its VAE is not of `cfg`."""
+    if not (folder / NATIVE_CONFIG).is_file():
+        raise UserError(f"{folder} has no {NATIVE_CONFIG}: give a native model folder (p2p/embedded, an --export)")
+    folder_cfg, sds, _ = read_native(folder)
+    if folder_cfg.vae.latent_channels != cfg.latent_channels:
+        raise UserError(f"{folder}'s VAE has {folder_cfg.vae.latent_channels} latent channels, not "
+                        f"{cfg.latent_channels}: set --latent-channels {folder_cfg.vae.latent_channels}")
     vae = AutoencoderKL(cfg)
-    try:
-        vae.load_state_dict(state)
-    except RuntimeError:
-        raise ValueError(f"{weights} holds no VAE of {cfg.latent_channels} latent channels: set --latent-channels to "
-                         "the folder's [vae] latent_channels") from None
+    vae.load_state_dict({k: v.float() for k, v in sds["vae"].items()})
     return vae
 
 
@@ -468,7 +468,7 @@ def main(argv=None):
     if args.vae_from:  # checked on every rank before any waits for another
         try:
             start_vae = vae_from(Path(args.vae_from), replace(EMBEDDED.vae, latent_channels=args.latent_channels))
-        except ValueError as e:
+        except UserError as e:
             p.error(f"--vae-from: {e}")
     if world > 1:  # under torchrun; the long timeout covers rank 0's VAE stage, which the others wait for
         dist.init_process_group("gloo", timeout=timedelta(hours=6))
