@@ -36,7 +36,7 @@ from p2p.core.local_blend import LocalBlend, word_mask  # noqa: E402
 from p2p.core.pipeline import Pipeline  # noqa: E402
 from p2p.core.run import run_edit  # noqa: E402
 from p2p.core.sites import SiteSelection  # noqa: E402
-from p2p.files.images import psnr  # noqa: E402
+from p2p.files.images import psnr, to_tensor  # noqa: E402
 from p2p.files.loading import EMBEDDED_DIR  # noqa: E402
 from p2p.world import scenes  # noqa: E402
 from p2p.world.evaluate import (_assign, jobs_blend, make_pair_cases, parse_caption, read, score_blend,  # noqa: E402
@@ -46,12 +46,16 @@ from p2p.world.judge import judge  # noqa: E402
 READ = ("shape", "colour", "pattern", "size")
 
 
+def encode(pipe: Pipeline, images: list) -> torch.Tensor:
+    """The scaled latents z_0 (posterior means) of a list of scene images."""
+    return pipe.vae.encode(torch.cat([to_tensor(im) for im in images]))
+
+
 @torch.no_grad()
 def shapes_kept(pipe: Pipeline, n: int, indices: list[int], guidance: float, seed: int = 123) -> dict:
     rng = np.random.default_rng(seed)
     items = [scenes.sample_scene(rng, max_things=1) for _ in range(n)]
-    x = torch.stack([torch.from_numpy(np.array(scenes.render(s)[0])).permute(2, 0, 1) for s in items])
-    z_0 = pipe.vae.posterior(x.float() / 127.5 - 1)[0] * pipe.cfg.vae.scaling_factor
+    z_0 = encode(pipe, [scenes.render(s)[0] for s in items])
     cond, uncond = pipe.encode_text([scenes.caption(s) for s in items]), pipe.encode_negative("").expand(n, -1, -1)
     steps = pipe.cfg.steps
     timesteps = pipe.ddim.timesteps(steps)
@@ -110,8 +114,7 @@ def latent_probe(pipe: Pipeline, n: int, seed: int = 99) -> dict:
     rng = np.random.default_rng(seed)
     items = [scenes.sample_scene(rng, max_things=1) for _ in range(n)]
     renders = [scenes.render(s)[0] for s in items]
-    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in renders]).float() / 127.5 - 1
-    z_0 = pipe.vae.posterior(x)[0] * pipe.cfg.vae.scaling_factor
+    z_0 = encode(pipe, renders)
     trips = pipe.decode(z_0)
     out = {"PSNR (dB)": np.mean([psnr(a, b) for a, b in zip(renders, trips)]),
            "every attribute read": np.mean([all(read(im)[k] == v for k, v in truth(s).items())
@@ -130,9 +133,7 @@ def latent_probe(pipe: Pipeline, n: int, seed: int = 99) -> dict:
         other_colour = next(c for c in scenes.COLOURS if c not in (s.background, t.colour))
         variants = [t, replace(t, shape=scenes.SHAPES[(scenes.SHAPES.index(t.shape) + 1) % len(scenes.SHAPES)]),
                     replace(t, colour=other_colour)]
-        xs = torch.stack([torch.from_numpy(np.array(scenes.render(replace(s, things=(v,)))[0])).permute(2, 0, 1)
-                          for v in variants]).float() / 127.5 - 1
-        z = pipe.vae.posterior(xs)[0] * pipe.cfg.vae.scaling_factor
+        z = encode(pipe, [scenes.render(replace(s, things=(v,)))[0] for v in variants])
         shape_d.append((z[1] - z[0]).pow(2).mean().sqrt().item())
         colour_d.append((z[2] - z[0]).pow(2).mean().sqrt().item())
     out["latent RMS moved by a shape / colour change"] = f"{np.mean(shape_d):.2f} / {np.mean(colour_d):.2f}"
