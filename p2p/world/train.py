@@ -84,12 +84,13 @@ Nor can runs of 2,400 steps at batch 64. The first shipped model (git 8d8be5b: t
 steps at batch 64 on 40,000 scenes) reads 10% of shapes by today's `p2p eval --parts plain` (colour / pattern / size /
 background 35 / 38 / 90 / 40%). The 38% of shapes quoted for it before was a misreading: its README table (n = 16, an
 earlier judge) read shapes 25% and patterns 38%. The previous recipe rerun by this script at that length, on its VAE
-(--vae-from) and 40,000 scenes, reads 15% (31 / 40 / 85 / 38%): this script reproduces that model, and a check on
-fixed inputs found its loop equal to the first model's code (the same scenes, tokens and latents; 50 steps give the
-same loss bit for bit and EMA weights within 2e-8). The previous model's shapes (60%) and backgrounds (100%) came between 2,400 and 7,500 steps. The epsilon
-objective on SD v1's schedule on the shipped 8-channel VAE (with --min-snr-gamma 5 --ground-weight 0.05) read 17% /
-15% of shapes at guidance 2 / 5 at step 2,500 of a 6,000-step run (backgrounds 17% / 19%). Whether the VAE or the
-objective keeps the shipped model's shapes at chance needs runs of the full length (about 2 h each).
+(--vae-from) and 40,000 scenes, reads 15% at guidance 5 (31 / 40 / 85 / 38%): this script reproduces that model, and a
+check on fixed inputs found its loop equal to the first model's code (the same scenes, tokens and latents; 50 steps
+give the same loss bit for bit and EMA weights within 2e-8). The previous model's shapes (60%) and backgrounds (100%)
+came between 2,400 and 7,500 steps. The epsilon objective on SD v1's schedule on the shipped 8-channel VAE (with
+--min-snr-gamma 5 --ground-weight 0.05) read 17% / 15% of shapes at guidance 2 / 5 at step 2,500 of a 6,000-step run
+(backgrounds 17% / 19%). Whether the VAE or the objective keeps the shipped model's shapes at chance needs runs of the
+full length (about 2 h each).
 """
 from __future__ import annotations
 
