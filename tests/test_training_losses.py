@@ -127,3 +127,29 @@ def test_vae_from_a_model_folder_starts_the_vae_stage(tmp_path):
         train.vae_from(EMBEDDED_DIR, replace(cfg.vae, latent_channels=4))
     with pytest.raises(ValueError, match="no model.toml"):
         train.vae_from(tmp_path, cfg.vae)
+
+
+def test_object_weights_on_the_latent_grid_count_the_things_cells():
+    from p2p.world.train import object_weights
+    # a thing at (x, y) = (24, 40) px of a 64 px image, radius 6 px, grown by 2 px. The 16x16 latent's cell
+    # (row i, col j) has its centre at (4j + 2, 4i + 2) px, within 8 px of the thing's centre where
+    # (j - 5.5)^2 + (i - 9.5)^2 < 4: the offsets (+-0.5, +-0.5), (+-1.5, +-0.5), (+-0.5, +-1.5), 12 cells
+    discs = torch.tensor([[[24.0, 40.0, 6.0], [0.0, 0.0, 0.0]]])
+    w = object_weights(discs, 16, 10.0, image_size=64)
+    assert w.shape == (1, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 10.0}
+    rows, cols = torch.nonzero(w[0, 0] == 10.0, as_tuple=True)
+    assert len(rows) == 12 and rows.min() == 8 and rows.max() == 11 and cols.min() == 4 and cols.max() == 7
+    assert object_weights(discs, 64, 10.0).shape == (1, 1, 64, 64)  # the pixel grid, as the VAE uses it
+
+
+def test_object_weighted_diffusion_step_runs(tmp_path):
+    from p2p.world import train
+    cfg = train.EMBEDDED
+    captions = [scenes.caption(s) for _, _, s in scenes.sample(4, 0)]
+    tok = CLIPTokenizer.from_path(EMBEDDED_DIR / "tokenizer")
+    discs = torch.tensor([[[20.0, 20.0, 8.0], [0.0, 0.0, 0.0]]]).expand(4, 2, 3).clone()
+    latents = torch.randn(4, cfg.unet.in_channels, 16, 16)
+    train.train_diffusion(cfg, latents, tok.encode(captions), tok.encode([""])[0], tmp_path, steps=1, batch=4,
+                          lr=1e-4, seed=0, min_snr_gamma=5.0, owners=grounding.token_owners(captions), discs=discs,
+                          object_weight=10.0)
+    assert (tmp_path / "diffusion.pt").is_file()
