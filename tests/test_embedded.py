@@ -18,6 +18,7 @@ from p2p.files import download as dl
 from p2p.cli import main as cli
 from p2p.core.settings import EditSettings
 from p2p.core.run import run_edit
+from p2p.experiments.batch import run_edits
 from p2p.world.evaluate import read
 from p2p.world.judge import iou
 from p2p.files.loading import EMBEDDED_DIR, read_model
@@ -77,14 +78,17 @@ def test_native_folder_errors(tmp_path):
 @pytest.fixture(scope="module")
 def swaps(pipe):
     """For each case and seed: the judge's reading of the source, of the P2P edit and of the baseline (the
-    target prompt generated from the same seed, no control)."""
+    target prompt from the same seed with every injection off, which is plain generation: `p2p eval`'s baseline,
+    test_evaluate), all in one batch (`run_edits`, the images of `run_edit` on each alone)."""
+    keys = [(case, seed) for case in CASES for seed in SEEDS]
+    p2p = [EditSettings(source, (target,), seed=seed, cross_replace=cross) for (source, target, *_, cross), seed in keys]
+    baselines = [EditSettings(source, (target,), seed=seed, cross_replace=0.0, self_replace=0.0)
+                 for (source, target, *_), seed in keys]
+    results = run_edits(pipe, p2p + baselines)
     rows = []
-    for source, target, attribute, value, cross in CASES:
-        for seed in SEEDS:
-            src, edit = run_edit(pipe, EditSettings(source, (target,), seed=seed, cross_replace=cross),
-                                 progress=False).images
-            (plain,) = pipe.generate(target, seed=seed, progress=False)
-            rows.append((attribute, value, seed, read(src), read(edit), read(plain)))
+    for ((_, _, attribute, value, _), seed), edit, base in zip(keys, results, results[len(keys):]):
+        (src, e), b = edit.images, base.images[1]
+        rows.append((attribute, value, seed, read(src), read(e), read(b)))
     return rows
 
 

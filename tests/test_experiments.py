@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.errors import UserError
+
 from p2p.cli.main import main
 from p2p.core.pipeline import Pipeline
 from p2p.files.output import read_settings
@@ -124,12 +126,12 @@ def pipe():
 
 
 def test_packed_batch_gives_the_images_of_separate_edits(pipe):
-    """Jobs of different sources, seeds and settings (local blend, reweight) in one batch against `run_edit`
-    of each alone: equal up to float rounding (a different batch size), at most 2/255 on a pixel."""
+    """Jobs of different sources, seeds and settings (local blend, reweight) in one batch (`run_edits`, which
+    the runner's `run_unit` calls) against `run_edit` of each alone: equal up to float rounding (a different
+    batch size), at most 2/255 on a pixel."""
+    from p2p import run_edits
     from p2p.core.run import run_edit
     from p2p.core.settings import EditSettings
-    from p2p.experiments.batch import run_unit
-    from p2p.experiments.spec import Job
 
     settings = [EditSettings(SRC, ("a big blue square on a green background",), steps=6, seed=1, cross_replace=0.2),
                 EditSettings(SRC, ("a big red circle on a green background",), steps=6, seed=1, self_replace=0.8,
@@ -138,16 +140,28 @@ def test_packed_batch_gives_the_images_of_separate_edits(pipe):
                              steps=6, seed=3),
                 EditSettings(SRC, (SRC,), mode="reweight", reweight={"red": [0.0, 2.0]}, steps=6, seed=2)]
     settings = [s.resolved(pipe.cfg) for s in settings]
-    outcomes = run_unit(pipe, [Job(str(i), i, s, {}) for i, s in enumerate(settings)], [None] * 4)
+    results = run_edits(pipe, settings)
     worst = 0
-    for o, s in zip(outcomes, settings):
+    for r, s in zip(results, settings):
         alone = run_edit(pipe, s, progress=False).images
-        assert len(o.result.images) == len(alone) == len(s.prompts)
-        for a, b in zip(o.result.images, alone):
+        assert r.settings == s and len(r.images) == len(alone) == len(s.prompts)
+        for a, b in zip(r.images, alone):
             d = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
             worst = max(worst, int(d.max()))
             assert d.mean() < 0.02
     assert worst <= 2
+
+
+def test_run_edits_refuses_edits_of_different_sampling_setups(pipe):
+    from p2p import run_edits
+    from p2p.core.settings import EditSettings
+
+    target = ("a big blue square on a green background",)
+    with pytest.raises(UserError, match=r"differ in steps \(4, 6\).*run_edit one by one"):
+        run_edits(pipe, [EditSettings(SRC, target, steps=6), EditSettings(SRC, target, steps=4)])
+    with pytest.raises(UserError, match="eta 0"):
+        run_edits(pipe, [EditSettings(SRC, target, steps=4, eta=0.5), EditSettings(SRC, target, steps=4)])
+    assert run_edits(pipe, []) == []
 
 
 def test_memory_estimate_grows_with_the_batch_and_bounds_the_packing(pipe):
