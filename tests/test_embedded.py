@@ -17,7 +17,6 @@ from models.presets import load_toml, preset
 from p2p.files import download as dl
 from p2p.cli import main as cli
 from p2p.core.settings import EditSettings
-from p2p.core.run import run_edit
 from p2p.experiments.batch import run_edits
 from p2p.world.evaluate import read
 from p2p.world.judge import iou
@@ -81,7 +80,8 @@ def swaps(pipe):
     target prompt from the same seed with every injection off, which is plain generation: `p2p eval`'s baseline,
     test_evaluate), all in one batch (`run_edits`, the images of `run_edit` on each alone)."""
     keys = [(case, seed) for case in CASES for seed in SEEDS]
-    p2p = [EditSettings(source, (target,), seed=seed, cross_replace=cross) for (source, target, *_, cross), seed in keys]
+    p2p = [EditSettings(source, (target,), seed=seed, cross_replace=cross)
+           for (source, target, *_, cross), seed in keys]
     baselines = [EditSettings(source, (target,), seed=seed, cross_replace=0.0, self_replace=0.0)
                  for (source, target, *_), seed in keys]
     results = run_edits(pipe, p2p + baselines)

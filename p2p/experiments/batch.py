@@ -176,8 +176,8 @@ def run_edits(pipe, settings: list[EditSettings], *, controllers: list[Controlle
               progress: bool = False) -> list[EditResult]:
     """Several edits in one sampling run: their rows packed into one batch (module docstring), each edit's
     controller on its own rows, so that the UNet's calls are shared; the images are those of `run_edit` on each
-    alone, up to float rounding of the larger batch (at most 2/255 on a pixel, tests/test_experiments.py; four
-    shape swaps of the embedded model at 25 steps ran in 0.6x the time they take one by one). The edits must
+    alone, up to float rounding of the larger batch (at most 2/255 on a pixel, tests/test_experiments.py; 16 swaps
+    and their baselines on the embedded model took 0.7x the time they take one by one on a 2-core CPU). The edits must
     share the steps, guidance and size, with eta 0; `controllers[i]` (or None) runs after edit i's and sees its
     edited maps, as in `run_edit`."""
     settings = [s.resolved(pipe.cfg) for s in settings]
