@@ -135,7 +135,8 @@ from p2p.world import grounding, scenes
 EMBEDDED = preset("embedded")
 _SCHEDULE_KEYS = ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "set_alpha_to_one")
 SCHEDULES = {  # --schedule -> the DDIM settings the model is trained and sampled with
-    "zero-snr-v": {k: getattr(EMBEDDED.ddim, k) for k in _SCHEDULE_KEYS},  # the preset's own
+    "zero-snr-v": dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                       steps_offset=0, set_alpha_to_one=True),  # Lin et al. 2024
     "sd-v1": {k: getattr(preset("sd-v1").ddim, k) for k in _SCHEDULE_KEYS},
 }
 
