@@ -1,8 +1,10 @@
 """Probes of a scene-world model (the embedded one, or a short training run's export) that `p2p eval` does not make:
-where its shapes are lost along the noise levels, and whether its cross-attention maps tell two objects apart.
+where its shapes are lost along the noise levels, whether its cross-attention maps tell two objects apart, and
+how far a word swap moves the text states of the words after it.
 
     python benchmarks/embedded_probe.py                           # the shipped model
     python benchmarks/embedded_probe.py --model runs/short/export --n 48 --pairs 12
+    python benchmarks/embedded_probe.py --indices "" --pairs 0 --context 12   # probe 4 alone
 
 1. Shapes kept from t: real latents z_0 = E(x) of n single-object scenes are noised to z_t = sqrt(alpha_bar_t) z_0
    + sqrt(1 - alpha_bar_t) eps at the DDIM timestep of index k (of the model's steps), denoised from there with the
@@ -18,6 +20,12 @@ where its shapes are lost along the noise levels, and whether its cross-attentio
    al. 2025 find diffusion draws high frequencies worst); the shapes read after adding noise of std 0.5 to the
    scaled latent (how forgiving the decoder is); and the RMS difference of the scaled latents of the same scene
    with another shape, against another colour (how much of the latent the shape moves).
+4. Context (--context N): N colour swaps of `p2p eval`'s cases. How far the swap moves the text states of the
+   tokens after the swapped word (|psi(P)_i - psi(P*)_i| / |psi(P)_i|, the next 7 tokens: a causal text encoder
+   carries the new colour into "square on a green background"), and the P2P edit's PSNR outside the object with
+   the cross-attention maps injected for 80% and for 100% of the steps, and for 80% with the target's states after
+   the swapped word set to the source's (only the swapped word's state differs). Prompt-to-Prompt fixes the maps M,
+   not the values; where the later tokens' states move, even full injection changes the background.
 """
 from __future__ import annotations
 
@@ -35,12 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from p2p.core.local_blend import LocalBlend, word_mask  # noqa: E402
 from p2p.core.pipeline import Pipeline  # noqa: E402
 from p2p.core.run import run_edit  # noqa: E402
+from p2p.core.settings import EditSettings, build_controller  # noqa: E402
 from p2p.core.sites import SiteSelection  # noqa: E402
 from p2p.files.images import psnr, to_tensor  # noqa: E402
 from p2p.files.loading import EMBEDDED_DIR  # noqa: E402
+from p2p.experiments.batch import run_edits  # noqa: E402
 from p2p.world import scenes  # noqa: E402
-from p2p.world.evaluate import (_assign, jobs_blend, make_pair_cases, parse_caption, read, score_blend,  # noqa: E402
-                                 truth)
+from p2p.world.evaluate import (_assign, compare, jobs_blend, make_cases, make_pair_cases,  # noqa: E402
+                                 parse_caption, read, score_blend, truth)
 from p2p.world.judge import judge  # noqa: E402
 
 READ = ("shape", "colour", "pattern", "size")
@@ -140,6 +150,51 @@ def latent_probe(pipe: Pipeline, n: int, seed: int = 99) -> dict:
     return out
 
 
+def context(pipe: Pipeline, n: int) -> dict:
+    """Probe 4: the text states' move after the swapped word, and P2P's PSNR outside the object per cross_replace."""
+    cases = make_cases(n, seed=0)
+    pairs = [(c.prompt, c.prompt.replace(f" {c.scene.things[0].colour} ", f" {c.swaps['colour']} ", 1)) for c in cases]
+    moves = []
+    for a, b in pairs:
+        last = last_swapped(pipe, a, b)
+        with torch.no_grad():
+            h = pipe.encode_text([a, b])[:, last + 1:last + 8]
+        moves.append(((h[0] - h[1]).norm(dim=-1) / h[0].norm(dim=-1)).mean().item())
+    out = {"text states after the swapped word, relative move": float(np.mean(moves))}
+    for tau in (0.8, 1.0):
+        res = run_edits(pipe, [EditSettings(a, (b,), seed=c.seed, cross_replace=tau) for (a, b), c in zip(pairs, cases)])
+        rows = [compare(read(r.images[0]), r.images[0], r.images[1], "colour", c.swaps["colour"])
+                for c, r in zip(cases, res)]
+        out[f"cross_replace {tau}: success, mask IoU, PSNR outside (dB)"] = (
+            f"{np.mean([r['success'] for r in rows]):.0%}, {np.nanmean([r.get('iou', np.nan) for r in rows]):.2f}, "
+            f"{np.nanmean([r.get('psnr_out', np.nan) for r in rows]):.1f}")
+    images = [edit_with_source_context(pipe, EditSettings(a, (b,), seed=c.seed), last_swapped(pipe, a, b))
+              for (a, b), c in zip(pairs, cases)]
+    rows = [compare(read(x[0]), x[0], x[1], "colour", c.swaps["colour"]) for c, x in zip(cases, images)]
+    out["cross_replace 0.8, later states from the source: success, mask IoU, PSNR outside (dB)"] = (
+        f"{np.mean([r['success'] for r in rows]):.0%}, {np.nanmean([r.get('iou', np.nan) for r in rows]):.2f}, "
+        f"{np.nanmean([r.get('psnr_out', np.nan) for r in rows]):.1f}")
+    return out
+
+
+def last_swapped(pipe: Pipeline, a: str, b: str) -> int:
+    ia, ib = pipe.tokenizer.encode([a])[0], pipe.tokenizer.encode([b])[0]
+    return max(i for i in range(len(ia)) if ia[i] != ib[i])
+
+
+def edit_with_source_context(pipe: Pipeline, s: EditSettings, last: int) -> list:
+    """`run_edit` of a one-target swap, the target's text states after token `last` replaced by the source's."""
+    s = s.resolved(pipe.cfg)
+    edit = build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)
+    g = torch.Generator("cpu").manual_seed(s.seed)
+    z_T = pipe.initial_latent(g, s.height, s.width)
+    cond = pipe.encode_text(s.prompts)
+    cond = torch.cat([cond[:1], torch.cat([cond[1:, :last + 1], cond[:1, last + 1:]], dim=1)])
+    z_0 = pipe.denoise(cond=cond, steps=s.steps, eta=s.eta, generator=g, guidance=s.guidance, z_T=z_T,
+                       uncond=pipe.encode_negative(""), controller=edit, progress=False)
+    return pipe.decode(z_0)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(EMBEDDED_DIR), help="a scene-world model folder (default: the shipped one)")
@@ -150,6 +205,7 @@ def main(argv=None):
     p.add_argument("--blend-res", type=int, default=16, help="the maps local blend reads")
     p.add_argument("--guidance", type=float, help="default: the model's")
     p.add_argument("--latent", action="store_true", help="also probe the VAE's latent (probe 3)")
+    p.add_argument("--context", type=int, default=0, metavar="N", help="also probe 4 on N colour swaps")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
@@ -159,6 +215,10 @@ def main(argv=None):
     if args.latent:
         print(f"{args.model}: the latent, {args.n} single-object scenes")
         for name, v in latent_probe(pipe, args.n).items():
+            print(f"  {name}: {v:.2f}" if isinstance(v, float) else f"  {name}: {v}")
+    if args.context:
+        print(f"{args.model}: context, {args.context} colour swaps, w = {pipe.cfg.guidance}")
+        for name, v in context(pipe, args.context).items():
             print(f"  {name}: {v:.2f}" if isinstance(v, float) else f"  {name}: {v}")
     indices = [int(i) for i in args.indices.split(",") if i.strip()]
     if indices:

@@ -97,7 +97,13 @@ steps; whether the 8-channel VAE keeps them at chance needs a full-length run on
 The loss was the cause. --object-weight 10 (the diffusion loss weighs the latent cells on and around the things 10x,
 as the VAE's loss does its pixels) added to that run, to its 5,000 steps (2 h 14 min), reads shape / colour / pattern /
 size / background 90 / 90 / 79 / 100 / 62% at guidance 5 (48 prompts): the first shapes of any recipe since the
-previous model, at the cost of backgrounds (88% without the weight at step 4,000).
+previous model, at the cost of backgrounds (88% without the weight at step 4,000). Rerun from a fresh start (76.3 min
+of diffusion at 0.92 s per step) it read 81 / 90 / 79 / 100 / 62% at guidance 5 and 79 / 88 / 88 / 96 / 71% at 7.5;
+the whole `p2p eval` at 7.5 met 10 of 31 targets (shape swaps 69% / 81% at cross_replace 0.8 / 0.4, refinement 83%,
+local blend 27.4 dB with against 20.8 without), but P2P's colour swaps keep the outside of the object no better than
+the baseline (20.9 against 21.0 dB; the shipped model 38.2 against 37.0), so it was not shipped. Its text encoder
+carries a swapped word into the states of the words after it (0.48 of their norm against 0.26 on the shipped model;
+benchmarks/embedded_probe.py --context), which the injected maps do not undo.
 """
 from __future__ import annotations
 
