@@ -162,19 +162,20 @@ def context(pipe: Pipeline, n: int) -> dict:
         moves.append(((h[0] - h[1]).norm(dim=-1) / h[0].norm(dim=-1)).mean().item())
     out = {"text states after the swapped word, relative move": float(np.mean(moves))}
     for tau in (0.8, 1.0):
-        res = run_edits(pipe, [EditSettings(a, (b,), seed=c.seed, cross_replace=tau) for (a, b), c in zip(pairs, cases)])
-        rows = [compare(read(r.images[0]), r.images[0], r.images[1], "colour", c.swaps["colour"])
-                for c, r in zip(cases, res)]
-        out[f"cross_replace {tau}: success, mask IoU, PSNR outside (dB)"] = (
-            f"{np.mean([r['success'] for r in rows]):.0%}, {np.nanmean([r.get('iou', np.nan) for r in rows]):.2f}, "
-            f"{np.nanmean([r.get('psnr_out', np.nan) for r in rows]):.1f}")
+        jobs = [EditSettings(a, (b,), seed=c.seed, cross_replace=tau) for (a, b), c in zip(pairs, cases)]
+        res = run_edits(pipe, jobs)
+        out[f"cross_replace {tau}: success, mask IoU, PSNR outside (dB)"] = _swaps(cases, [r.images for r in res])
     images = [edit_with_source_context(pipe, EditSettings(a, (b,), seed=c.seed), last_swapped(pipe, a, b))
               for (a, b), c in zip(pairs, cases)]
-    rows = [compare(read(x[0]), x[0], x[1], "colour", c.swaps["colour"]) for c, x in zip(cases, images)]
-    out["cross_replace 0.8, later states from the source: success, mask IoU, PSNR outside (dB)"] = (
-        f"{np.mean([r['success'] for r in rows]):.0%}, {np.nanmean([r.get('iou', np.nan) for r in rows]):.2f}, "
-        f"{np.nanmean([r.get('psnr_out', np.nan) for r in rows]):.1f}")
+    out["cross_replace 0.8, later states from the source: success, mask IoU, PSNR outside (dB)"] = _swaps(cases, images)
     return out
+
+
+def _swaps(cases, images) -> str:
+    """Colour swaps' success, mask IoU and PSNR outside the object (`p2p eval`'s measures), averaged."""
+    rows = [compare(read(x[0]), x[0], x[1], "colour", c.swaps["colour"]) for c, x in zip(cases, images)]
+    return (f"{np.mean([r['success'] for r in rows]):.0%}, {np.nanmean([r.get('iou', np.nan) for r in rows]):.2f}, "
+            f"{np.nanmean([r.get('psnr_out', np.nan) for r in rows]):.1f}")
 
 
 def last_swapped(pipe: Pipeline, a: str, b: str) -> int:
