@@ -153,10 +153,10 @@ def latent_probe(pipe: Pipeline, n: int, seed: int = 99) -> dict:
 def context(pipe: Pipeline, n: int) -> dict:
     """Probe 4: the text states' move after the swapped word, and P2P's PSNR outside the object per cross_replace."""
     cases = make_cases(n, seed=0)
-    pairs = [(c.prompt, c.prompt.replace(f" {c.scene.things[0].colour} ", f" {c.swaps['colour']} ", 1)) for c in cases]
+    pairs = [(c.prompt, scenes.caption(scenes.with_attribute(c.scene, 0, "colour", c.swaps["colour"]))) for c in cases]
+    lasts = [last_swapped(pipe, a, b) for a, b in pairs]
     moves = []
-    for a, b in pairs:
-        last = last_swapped(pipe, a, b)
+    for (a, b), last in zip(pairs, lasts):
         with torch.no_grad():
             h = pipe.encode_text([a, b])[:, last + 1:last + 8]
         moves.append(((h[0] - h[1]).norm(dim=-1) / h[0].norm(dim=-1)).mean().item())
@@ -165,8 +165,8 @@ def context(pipe: Pipeline, n: int) -> dict:
         jobs = [EditSettings(a, (b,), seed=c.seed, cross_replace=tau) for (a, b), c in zip(pairs, cases)]
         res = run_edits(pipe, jobs)
         out[f"cross_replace {tau}: success, mask IoU, PSNR outside (dB)"] = _swaps(cases, [r.images for r in res])
-    images = [edit_with_source_context(pipe, EditSettings(a, (b,), seed=c.seed), last_swapped(pipe, a, b))
-              for (a, b), c in zip(pairs, cases)]
+    images = [edit_with_source_context(pipe, EditSettings(a, (b,), seed=c.seed), last)
+              for (a, b), c, last in zip(pairs, cases, lasts)]
     out["cross_replace 0.8, later states from the source: success, mask IoU, PSNR outside (dB)"] = _swaps(cases, images)
     return out
 
@@ -184,7 +184,8 @@ def last_swapped(pipe: Pipeline, a: str, b: str) -> int:
 
 
 def edit_with_source_context(pipe: Pipeline, s: EditSettings, last: int) -> list:
-    """`run_edit` of a one-target swap, the target's text states after token `last` replaced by the source's."""
+    """`run_edit` (p2p/core/run.py, its steps repeated here) of a one-target swap, the target's text states after
+    token `last` replaced by the source's: run_edit takes prompts, not states."""
     s = s.resolved(pipe.cfg)
     edit = build_controller(s, pipe.tokenizer, s.steps, model=pipe.cfg)
     g = torch.Generator("cpu").manual_seed(s.seed)
@@ -192,7 +193,7 @@ def edit_with_source_context(pipe: Pipeline, s: EditSettings, last: int) -> list
     cond = pipe.encode_text(s.prompts)
     cond = torch.cat([cond[:1], torch.cat([cond[1:, :last + 1], cond[:1, last + 1:]], dim=1)])
     z_0 = pipe.denoise(cond=cond, steps=s.steps, eta=s.eta, generator=g, guidance=s.guidance, z_T=z_T,
-                       uncond=pipe.encode_negative(""), controller=edit, progress=False)
+                       uncond=pipe.encode_negative(s.negative_prompt), controller=edit, progress=False)
     return pipe.decode(z_0)
 
 
