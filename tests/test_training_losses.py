@@ -1,6 +1,6 @@
 """The embedded model's optional training losses, against hand computations: Min-SNR-gamma weights, the
-grounding loss of the cross-attention maps (p2p/world/grounding.py) and the VAE's reconstruction loss (with
-the scale-equivariance term)."""
+grounding loss of the cross-attention maps and the context loss of the text states (p2p/world/grounding.py),
+and the VAE's reconstruction loss (with the scale-equivariance term)."""
 import json
 import math
 
@@ -152,4 +152,54 @@ def test_object_weighted_diffusion_step_runs(tmp_path):
     train.train_diffusion(cfg, latents, tok.encode(captions), tok.encode([""])[0], tmp_path, steps=1, batch=4,
                           lr=1e-4, seed=0, min_snr_gamma=5.0, owners=grounding.token_owners(captions), discs=discs,
                           object_weight=10.0)
+    assert (tmp_path / "diffusion.pt").is_file()
+
+
+def test_swap_one_word_swaps_one_object_word_within_its_attribute():
+    from p2p.world.train import SWAP_GROUPS
+    tok = CLIPTokenizer.from_path(EMBEDDED_DIR / "tokenizer")
+    class_of, members = grounding.swap_classes(tok, SWAP_GROUPS, tok.vocab_size)
+    words = {int(tok.encode([w])[0][1]): w for w in scenes.vocabulary()}
+    group = {w: c for c, ws in enumerate(SWAP_GROUPS) for w in ws}
+    captions = ["a big red striped square and a small blue circle on a green background",
+                "a small white star on a yellow background", "a big orange circle on a red background"]
+    ids, owners = tok.encode(captions), grounding.token_owners(captions)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        swapped, pos = grounding.swap_one_word(ids, owners, class_of, members, torch.tensor([True, True, False]), g)
+        assert pos[2] == -1 and torch.equal(swapped[2], ids[2])  # not allowed: left as it was
+        for row in (0, 1):
+            changed = torch.nonzero(swapped[row] != ids[row]).flatten().tolist()
+            assert changed == [pos[row].item()] and owners[row, pos[row]] >= 0
+            old, new = words[int(ids[row, pos[row]])], words[int(swapped[row, pos[row]])]
+            assert group[old] == group[new] and old != new
+            seen.add(old)
+    assert seen == {"big", "red", "striped", "square", "small", "blue", "circle", "white", "star"}  # every one, never "green"
+
+
+def test_context_loss_counts_the_later_words_outside_the_swapped_phrase():
+    # keys: start, "red"(thing 0), "square"(thing 0), "and", "circle"(thing 1), "background"(-1); "red" is swapped
+    owners = torch.tensor([[-1, 0, 0, -1, 1, -1]])
+    h = torch.ones(1, 6, 4)  # |h|^2 = 4 at every key
+    moved = h.clone()
+    moved[0, 0] += 9.0  # before the swap: not counted (a causal encoder cannot move it anyway)
+    moved[0, 2] += 5.0  # the swapped word's own phrase: free to move
+    moved[0, 3, 0] += 2.0  # |dh|^2 = 4: relative move 1
+    moved[0, 5, :2] += 1.0  # |dh|^2 = 2: relative move 0.5
+    loss = grounding.context_loss(h, moved, owners, torch.tensor([1]))
+    assert math.isclose(loss.item(), (1.0 + 0.0 + 0.5) / 3, rel_tol=1e-6)  # keys 3, 4, 5
+    assert grounding.context_loss(h, moved, owners, torch.tensor([-1])).item() == 0.0  # no swap: nothing counted
+
+
+def test_diffusion_step_with_the_context_loss_runs(tmp_path):
+    from p2p.world import train
+    cfg = train.EMBEDDED
+    captions = [scenes.caption(s) for _, _, s in scenes.sample(4, 0)]
+    tok = CLIPTokenizer.from_path(EMBEDDED_DIR / "tokenizer")
+    discs = torch.tensor([[[20.0, 20.0, 8.0], [0.0, 0.0, 0.0]]]).expand(4, 2, 3).clone()
+    train.train_diffusion(cfg, torch.randn(4, cfg.unet.in_channels, 16, 16), tok.encode(captions),
+                          tok.encode([""])[0], tmp_path, steps=1, batch=4, lr=1e-4, seed=0,
+                          owners=grounding.token_owners(captions), discs=discs, context_weight=1.0,
+                          swap=grounding.swap_classes(tok, train.SWAP_GROUPS, tok.vocab_size))
     assert (tmp_path / "diffusion.pt").is_file()

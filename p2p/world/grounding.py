@@ -1,4 +1,5 @@
-"""Grounding the embedded model's cross-attention maps while it trains (optional: `--ground-weight`).
+"""Grounding the embedded model's cross-attention maps while it trains (optional: `--ground-weight`), and keeping
+its text states to their phrases (`--context-weight`, at the end of this file).
 
 Prompt-to-Prompt rests on one property of a text-to-image model: the cross-attention map M of a word falls on
 the pixels that word describes (Sec. 3.1 of the paper). Stable Diffusion learns this from billions of captioned
@@ -86,3 +87,56 @@ def grounding_loss(maps: list, owners: torch.Tensor, discs: torch.Tensor, keep: 
         share = mass_in.gather(1, owners.clamp(min=0)[:, None, :])[:, 0] / A.sum(1).clamp_min(1e-8)
         total = total + ((1 - share) ** 2 * valid).sum() / valid.sum()
     return total / len(maps)
+
+
+# --- the text states' context (optional: `--context-weight`) ------------------------------------------------
+#
+# Prompt-to-Prompt fixes the maps M of a swapped prompt, not the values the other words bring. A causal text
+# encoder may carry the swapped word into every later state ("a red square on a green background": the states of
+# "green", "background" and the padding then hold "red" too), and an edit of one object then repaints the rest.
+# Nothing in a scene's caption needs that mixing: each phrase describes its own thing. The context loss swaps one
+# attribute word of one object for another value of the same attribute and asks the states of every later word
+# outside that object's phrase (the other object, the background, the end and padding) to stay where they were.
+
+def swap_classes(tokenizer, groups: list[list[str]], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """class_of (vocab_size,) long: each word's attribute group, -1 for the rest; members (groups, most) long:
+    each group's token ids, padded with -1. Every word is one token (the caption grammar is built so)."""
+    class_of = torch.full((vocab_size,), -1, dtype=torch.long)
+    members = torch.full((len(groups), max(len(g) for g in groups)), -1, dtype=torch.long)
+    for c, words in enumerate(groups):
+        ids = tokenizer.encode(list(words))[:, 1]  # position 0 is the start token
+        class_of[ids] = c
+        members[c, :len(words)] = ids
+    return class_of, members
+
+
+def swap_one_word(tokens: torch.Tensor, owners: torch.Tensor, class_of: torch.Tensor, members: torch.Tensor,
+                  allowed: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row where `allowed`, one object word of an attribute group replaced by another of its group.
+    Returns the swapped tokens (a new tensor) and the swapped position, -1 where nothing was swapped."""
+    cls = class_of[tokens]
+    candidates = (owners >= 0) & (cls >= 0) & allowed[:, None]
+    scores = torch.rand(tokens.shape, generator=g).masked_fill(~candidates, -1.0)
+    pos = scores.argmax(1)
+    has = candidates.any(1)
+    rows = torch.arange(len(tokens))
+    c = cls[rows, pos].clamp(min=0)
+    size = (members[c] >= 0).sum(1)
+    here = (members[c] == tokens[rows, pos, None]).long().argmax(1)
+    shift = (torch.rand(len(tokens), generator=g) * (size - 1)).long() + 1  # 1 .. size-1: never the same word
+    new = members[c, (here + shift) % size]
+    swapped = tokens.clone()
+    swapped[rows[has], pos[has]] = new[has]
+    return swapped, torch.where(has, pos, torch.full_like(pos, -1))
+
+
+def context_loss(h: torch.Tensor, h_swapped: torch.Tensor, owners: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Mean of |h' - h|^2 / |h|^2 over the positions after the swapped one that lie outside its object's phrase.
+    h, h_swapped (B, keys, dim): the states of a caption and of its swap; pos (B,) from `swap_one_word`."""
+    keys = torch.arange(h.shape[1])
+    owner = owners.gather(1, pos.clamp(min=0)[:, None])
+    outside = (keys[None] > pos[:, None]) & (owners != owner) & (pos[:, None] >= 0)
+    if not outside.any():
+        return torch.zeros(())
+    move = ((h_swapped - h) ** 2).sum(-1) / (h.detach() ** 2).sum(-1).clamp_min(1e-8)
+    return (move * outside).sum() / outside.sum()

@@ -146,6 +146,7 @@ SCHEDULES = {  # --schedule -> the DDIM settings the model is trained and sample
     "sd-v1": {k: getattr(preset("sd-v1").ddim, k) for k in _SCHEDULE_KEYS},
 }
 
+SWAP_GROUPS = [list(scenes.SIZES), list(scenes.COLOURS), ["striped", "dotted"], list(scenes.SHAPES)]  # "plain" is unwritten
 
 # --- stage 1: the caption tokenizer ----------------------------------------------------------------------
 
@@ -356,7 +357,8 @@ def snr_weights(alpha_bar_t: torch.Tensor, gamma: float, prediction_type: str) -
 def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, run: Path,
                     steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, ema_decay: float = 0.999,
                     rank: int = 0, world: int = 1, min_snr_gamma: float = 0.0, ground_weight: float = 0.0,
-                    owners: torch.Tensor | None = None, discs: torch.Tensor | None = None, object_weight: float = 1.0):
+                    owners: torch.Tensor | None = None, discs: torch.Tensor | None = None, object_weight: float = 1.0,
+                    context_weight: float = 0.0, swap: tuple | None = None):
     """rank, world: this process's place under torchrun; each rank draws batch // world samples from its own
     generator and `average_gradients` makes the step the whole batch's. Rank 0 alone writes checkpoints and logs.
     min_snr_gamma > 0: each sample's loss is weighted so that its error on z_0 counts min(SNR_t, gamma) times
@@ -365,7 +367,9 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
     with owners (n, 77) from `grounding.token_owners` and discs (n, 2, 3) from `dataset`.
     object_weight != 1: each sample's error is averaged over the latent's cells with the weights of
     `object_weights` (the things' cells count this many times a background cell), so that the few cells where a
-    thing's outline is drawn are not outweighed by the background's texture."""
+    thing's outline is drawn are not outweighed by the background's texture.
+    context_weight > 0: adds this times the context loss of the text states (`grounding.context_loss`), with
+    swap = (class_of, members) from `grounding.swap_classes`."""
     torch.manual_seed(seed)  # the same initial weights on every rank
     unet, text = UNet(cfg.unet), CLIPTextModel(cfg.text)
     unet = unet.to(memory_format=torch.channels_last)  # 1.14x the steps per second on CPU (1 thread)
@@ -394,7 +398,12 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # q(z_t | z_0)
         z_t = z_t.contiguous(memory_format=torch.channels_last)
         recorder = grounding.MapRecorder() if ground_weight > 0 else None
-        err = (unet(z_t, t, text(tokens), recorder) - ddim.target(z0, eps, t)) ** 2  # eps or v, as cfg.ddim says
+        if context_weight > 0:  # the caption and a one-word swap of it, through the text encoder together
+            swapped, pos = grounding.swap_one_word(tokens, owners[idx], *swap, ~dropped, g)
+            cond, cond_swapped = text(torch.cat([tokens, swapped])).chunk(2)
+        else:
+            cond = text(tokens)
+        err = (unet(z_t, t, cond, recorder) - ddim.target(z0, eps, t)) ** 2  # eps or v, as cfg.ddim says
         if object_weight != 1:
             w = object_weights(discs[idx], z0.shape[-1], object_weight, image_size=cfg.image_size)
             per_sample = (err * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
@@ -410,6 +419,10 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
             ground = grounding.grounding_loss(recorder.maps, owners[idx], discs[idx], keep, cfg.image_size)
             loss = loss + ground_weight * ground
             extra["ground"] = ground.item()  # this rank's share of the batch
+        if context_weight > 0:
+            kept = grounding.context_loss(cond, cond_swapped, owners[idx], pos)
+            loss = loss + context_weight * kept
+            extra["context"] = kept.item()
         for group in opt.param_groups:  # linear warm-up, then cosine decay to 10%
             frac = step / max(steps, 1)
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -488,13 +501,16 @@ def main(argv=None):
     p.add_argument("--ground-weight", type=float, default=0.0,
                    help="weight of the loss that grounds each object word's cross-attention map on its object "
                         "(p2p/world/grounding.py); 0: none")
+    p.add_argument("--context-weight", type=float, default=0.0,
+                   help="weight of the loss that keeps the text states of the words outside an object's phrase where "
+                        "they were when one of its words is swapped (p2p/world/grounding.py); 0: none")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="weight of the latent cells on and around the things in the diffusion loss (1: unweighted)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for name in ("min_snr_gamma", "ground_weight", "vae_scale_equivariance"):
+    for name in ("min_snr_gamma", "ground_weight", "context_weight", "vae_scale_equivariance"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {getattr(args, name)}")
     for name in ("object_weight", "vae_object_weight"):
@@ -542,7 +558,8 @@ def main(argv=None):
     unet, text = train_diffusion(cfg, latents, ids, tok.encode([""])[0], run, args.steps, args.batch, args.lr, args.seed,
                                  rank=rank, world=world, min_snr_gamma=args.min_snr_gamma,
                                  ground_weight=args.ground_weight, owners=grounding.token_owners(captions), discs=discs,
-                                 object_weight=args.object_weight)
+                                 object_weight=args.object_weight, context_weight=args.context_weight,
+                                 swap=grounding.swap_classes(tok, SWAP_GROUPS, tok.vocab_size))
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
