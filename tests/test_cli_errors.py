@@ -2,6 +2,7 @@
 problem and the fix, exit status 2, no traceback, found before the model loads where the arguments suffice;
 Ctrl-C exits with 130 and leaves nothing half-written. Runs on the embedded model (64 px, CPU)."""
 import json
+import tomllib
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 from p2p.cli import commands
 from p2p.cli import main as cli
 from p2p.core.pipeline import Pipeline
+from p2p.files.loading import EMBEDDED_DIR
 from p2p.files.output import read_settings
 from p2p.world import scenes
 
@@ -336,7 +338,8 @@ def test_help_gives_the_models_defaults_and_points_to_vocab(capsys, command):
     assert cli([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "64 for the embedded model, 512 for SD v1" in text
-    assert "5 for the embedded model, 7.5 for SD v1" in text
+    shipped = tomllib.loads((EMBEDDED_DIR / "model.toml").read_text())["guidance"]  # the folder, not the preset
+    assert f"{shipped:g} for the embedded model, 7.5 for SD v1" in text
     assert "`p2p vocab`" in text and "1 to 1000" in text
 
 

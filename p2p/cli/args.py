@@ -11,6 +11,7 @@ import math
 import re
 
 from models.errors import UserError
+from models.presets import preset
 
 STEPS_MAX = 1000  # the training timesteps of every model here: at most one DDIM step each
 DEFAULT_HINT = "leave it out for the model's default"
@@ -47,8 +48,8 @@ RULES = {
                "(4 for the embedded model, 8 for SD v1)", DEFAULT_HINT),
     "width": (lambda v: _is_int(v) and v > 0, "a positive number of pixels, a multiple of the model's VAE factor "
               "(4 for the embedded model, 8 for SD v1)", DEFAULT_HINT),
-    "guidance": (_is_number, "a finite number (the embedded model's default is 5, SD v1's 7.5; 1 or less: no "
-                 "guidance)", DEFAULT_HINT),
+    "guidance": (_is_number, f"a finite number (the embedded model's default is {preset('embedded').guidance:g}, "
+                 "SD v1's 7.5; 1 or less: no guidance)", DEFAULT_HINT),
     "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 (deterministic DDIM) to 1", ""),
     "seed": (lambda v: _is_int(v) and 0 <= v < 2 ** 64, "a whole number from 0 to 2**64 - 1", ""),
     "blend_threshold": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1 (default 0.3)", ""),
@@ -272,7 +273,7 @@ def add_steps_arg(g) -> None:
 
 def add_guidance_arg(g, what: str = "classifier-free guidance scale w") -> None:
     g.add_argument("--guidance", type=checked("guidance", float), help=f"{what}, a finite number (default: the "
-                   "model's: 5 for the embedded model, 7.5 for SD v1)")
+                   f"model's: {preset('embedded').guidance:g} for the embedded model, 7.5 for SD v1)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
