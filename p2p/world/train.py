@@ -30,80 +30,8 @@ The VAE recipe (short runs, 2,000 steps at batch 32, lr 2e-3, bf16; round trips 
     the same, 4,000 steps (the default; 26 min)     33.2 dB                          92%   (stripes read on 84%)
 The things cover about a tenth of a scene: unweighted, the loss is spent on the background's texture.
 
-The shipped model (p2p/embedded/train.json; README "The embedded model") is this recipe with --images 20000 --steps 7000
-under torchrun on 2 cores, about 2 hours: colour, pattern, size and background of plain generation read right in
-90-100% of 48 prompts, but shapes in 21% (chance: every shape comes out as a blob). The previous recipe's model
-(sd-v1, 4 channels, 7,500 steps) read 60% of shapes; what the shapes need is not yet found.
-
-The diffusion recipe (short runs: 3,000 steps at batch 32, about 21 min each with 2 processes, on the shipped run's
-data and, unless said, its VAE; measured by benchmarks/embedded_probe.py on each run's export: plain generation of
-48 prompts at w = 2 read by the judge; "shapes kept": real latents of 48 single-object scenes noised to t ~ 600 /
-~ 400 and denoised with their caption, shape read right; local blend on the shape word's 16x16 maps in 12
-two-object colour swaps; a colour word's map averaged over steps and layers, normalised by its maximum, on its
-object / the other object / the background):
-                                        plain: shape colour pattern size  shapes kept  untouched object's   colour
-                                                                                       PSNR, blend / none   word's map
-    v, unweighted (the shipped recipe)        17%   38%   29%   42%       50% / 79%    23.3 / 23.4 dB    .79 .69 .34
-    --min-snr-gamma 5                         21%   50%   23%   56%       50% / 79%    20.5 / 20.5 dB    .74 .72 .45
-    --min-snr-gamma 5 --ground-weight 0.05    19%   67%   27%   56%       56% / 77%    31.3 / 26.3 dB    .53 .11 .01
-    the same, 4 channels (VAE 2,000 steps)    23%   77%   44%   67%       35% / 52%    24.9 / 23.0 dB    .57 .28 .01
-    the same, 8 channels, --schedule sd-v1    21%*  38%   31%   40%       52% / 90%    31.9 / 28.2 dB    .41 .35 .01
-    4 channels, VAE unweighted (2,000 steps)  23%   23%   23%   67%       38% / 35%    (not measured)
-    min-snr 5, ground 0.05, the shipped VAE   12%   52%   27%   58%       50% / 77%    27.4 / 23.0 dB    .54 .19 .01
-      tuned 1,500 steps more with
-      --vae-scale-equivariance 1
-    min-snr 5, ground 0.05, the previous      17%   27%   40%   75%       52% / 67%    26.2 / 21.7 dB    .45 .37 .00
-      model's VAE (4 channels, unweighted)
-    the previous recipe on that VAE (sd-v1,   19%*  35%   23%   67%       58% / 71%    31.4 / 31.4 dB    .73 .74 .66
-      no min-snr, no grounding)
-(* from t = 981, the first of sd-v1's 50 DDIM steps, where alpha_bar is 0.0058: the real latent shows through. The
-rows on another model's VAE start from it with --vae-from DIR (counted as 4,000 steps done, a fresh AdamW); the
-tuned one runs --vae-steps 5500, the tail of the cosine schedule. The previous model's folder is git's p2p/embedded
-before commit 66c364a, its model.toml without the blend_res, self_max_keys and store_max_queries lines.) Grounding
-binds the words to their objects (p2p/world/grounding.py), which local blend needs; Min-SNR helps colour and size a
-little; 4 channels help colour and pattern at this length (its VAE is weaker: shapes kept from t = 199 are 75%,
-against 94-96% on 8); the unweighted 4-channel VAE of 2,000 steps is too weak to tell (shapes kept from t = 199:
-48%, colour 46%).
-None of them draws shapes: plain generation reads them at chance (20%) in every run. The shipped model keeps 59% /
-78% from the same t; the previous model (epsilon, 4 channels, its VAE unweighted, 7,500 steps at batch 64 on 40,000
-scenes) kept 66-75% of shapes from every starting t, about what its VAE's round trip reads, and follows the shape
-word in plain generation (60% read right; its colours are off). Denoised from t = 299, the shipped model already
-turns a diamond or a circle into a bumpy blob where the previous model gives back the shape it was given. What the
-latent probe (benchmarks/embedded_probe.py --latent, 96 scenes) rules out:
-  - a fragile decoder: with noise of std 0.5 added to the scaled latent the shipped VAE's decoding still reads the
-    shape of 95% of the scenes (the previous model's VAE: 77%);
-  - a small shape signal: another shape moves the shipped VAE's scaled latent by 0.37 RMS, another colour by 0.46
-    (previous VAE: 0.32 / 0.56);
-  - the latent's spectrum: the scale-equivariance loss raised the share of the latent's energy below 1/4 cycle per
-    latent pixel from 46% to 73% (the previous VAE's: 70%) at 33.7 dB against 34.0 dB, and shapes did not follow.
-The control settles what the short runs can say: the previous recipe on its own VAE reads shapes at chance after
-3,000 steps at batch 32 too (19%; kept 58% / 71% from t ~ 600 / 400 where its round trip reads 77%; its edits
-change nothing, hence the equal blend PSNRs). At this length every recipe keeps about half the shapes from t ~ 600
-and draws none, so these runs cannot rank recipes on shapes.
-Nor can runs of 2,400 steps at batch 64. The first shipped model (git 8d8be5b: the previous recipe stopped at 2,400
-steps at batch 64 on 40,000 scenes) reads 10% of shapes by today's `p2p eval --parts plain` (colour / pattern / size /
-background 35 / 38 / 90 / 40%). The 38% of shapes quoted for it before was a misreading: its README table (n = 16, an
-earlier judge) read shapes 25% and patterns 38%. The previous recipe rerun by this script at that length, on its VAE
-(--vae-from) and 40,000 scenes, reads 15% at guidance 5 (31 / 40 / 85 / 38%): this script reproduces that model, and a
-check on fixed inputs found its loop equal to the first model's code (the same scenes, tokens and latents; 50 steps
-give the same loss bit for bit and EMA weights within 2e-8). The previous model's shapes (60%) and backgrounds (100%)
-came between 2,400 and 7,500 steps. The epsilon objective on SD v1's schedule on the shipped 8-channel VAE (with
---min-snr-gamma 5 --ground-weight 0.05) read 17% / 15% of shapes at guidance 2 / 5 at step 2,500 of a 6,000-step run
-(backgrounds 17% / 19%). The same with --images 40000 --lr 5e-4, run to step 4,000 of 5,000 (stopped by the session's
-end at 1.2-2.0 s per step), read 12 / 12 / 23% of shapes at steps 2,000 / 3,000 / 4,000 at guidance 5, while colour rose
-to 96%, size to 96% and background to 88%; at step 4,000 local blend acted (untouched object 31.2 dB with blend, 25.7
-without) and colour swaps succeeded in 98% (README). So the objective alone does not bring the shapes back by 4,000
-steps; whether the 8-channel VAE keeps them at chance needs a full-length run on the previous VAE (about 2 h).
-The loss was the cause. --object-weight 10 (the diffusion loss weighs the latent cells on and around the things 10x,
-as the VAE's loss does its pixels) added to that run, to its 5,000 steps (2 h 14 min), reads shape / colour / pattern /
-size / background 90 / 90 / 79 / 100 / 62% at guidance 5 (48 prompts): the first shapes of any recipe since the
-previous model, at the cost of backgrounds (88% without the weight at step 4,000). Rerun from a fresh start (76.3 min
-of diffusion at 0.92 s per step) it read 81 / 90 / 79 / 100 / 62% at guidance 5 and 79 / 88 / 88 / 96 / 71% at 7.5;
-the whole `p2p eval` at 7.5 met 10 of 31 targets (shape swaps 69% / 81% at cross_replace 0.8 / 0.4, refinement 83%,
-local blend 27.4 dB with against 20.8 without), but P2P's colour swaps keep the outside of the object no better than
-the baseline (20.9 against 21.0 dB; the shipped model 38.2 against 37.0), so it was not shipped. Its text encoder
-carries a swapped word into the states of the words after it (0.48 of their norm against 0.26 on the shipped model;
-benchmarks/embedded_probe.py --context), which the injected maps do not undo.
+The shipped model is this script's command in p2p/embedded/train.json. What each recipe change measured (short
+runs, probes, full runs, the reasons a model was or was not shipped) is logged in p2p/world/train_notes.md.
 """
 from __future__ import annotations
 
