@@ -74,7 +74,8 @@ SCHEDULES = {  # --schedule -> the DDIM settings the model is trained and sample
     "sd-v1": {k: getattr(preset("sd-v1").ddim, k) for k in _SCHEDULE_KEYS},
 }
 
-SWAP_GROUPS = [list(scenes.SIZES), list(scenes.COLOURS), ["striped", "dotted"], list(scenes.SHAPES)]  # "plain" is unwritten
+SWAP_GROUPS = [list(scenes.SIZES), list(scenes.COLOURS), [p for p in scenes.PATTERNS if p != "plain"],  # "plain" is unwritten
+               list(scenes.SHAPES)]
 
 # --- stage 1: the caption tokenizer ----------------------------------------------------------------------
 
