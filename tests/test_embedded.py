@@ -141,7 +141,8 @@ def test_training_script_runs_resumes_and_states_its_schedule(tmp_path):
     assert pipe.generate("a big red square on a green background", steps=2, progress=False)[0].size == (64, 64)
     train.main(args(4))  # --vae-steps 4: the VAE resumes at step 2, the diffusion is done
     assert torch.load(run / "vae.pt", weights_only=True)["step"] == 4 and (run / "latents_vae4.pt").is_file()
-    assert json.loads((out / "train.json").read_text())["args"]["vae_steps"] == 4
+    meta = json.loads((out / "train.json").read_text())
+    assert meta["args"]["vae_steps"] == 4 and meta["args"]["vae_bf16"] == train.native_bf16()  # resolved, recorded
 
 
 def _average_gradients_worker(rank: int, world: int, init_file: str, x, y, out_dir: str):
