@@ -4,6 +4,7 @@ projections, SD 2's padding, seeded generation for eps and v prediction, loading
 
 The full-size parity tests are in tests/test_full_size.py (slow).
 """
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -65,15 +66,24 @@ def test_unet_layout_is_diffusers_sd2(unet_pair):
 
 
 def test_explicit_attention_path_equals_fused(unet_pair):
-    """The path a controller takes (M materialised) equals the fused one, with upcast on."""
+    """The path a controller takes (M materialised) equals the fused one (scaled_dot_product_attention), with upcast
+    on (a no-op outside half precision: both paths stay in float64), in float64 on seeded inputs. Measured, relative
+    to the output's max (22): 6e-15 here, <= 2e-13 over 5 seeds, on AVX512 and on AVX2 kernels; scaling M by 1 + 1e-6
+    at the 1x1 level's cross-attention moves the output by 3e-9 or more, so 1e-10 catches a real error. In float32
+    the paths differed by up to 5e-5 relative on AVX2 kernels (as much as float32 differs from float64 there): the UNet
+    (x20 output) amplifies the kernels' reassociation, so float32 holds no bound that is both tight and portable."""
     from tests.test_networks import Recorder
 
-    _, ours = unet_pair
-    z_t, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
-    rec = Recorder()
+    ours = copy.deepcopy(unet_pair[1]).double()
+    g = torch.Generator().manual_seed(1)
+    z_t, ctx = torch.randn(2, 4, 8, 8, generator=g).double(), torch.randn(2, 77, 32, generator=g).double()
+    dtypes = set()
+    rec = Recorder(replace=lambda M: dtypes.add(M.dtype) or M)
     with torch.no_grad():
         explicit, fused = ours(z_t, 981, ctx, controller=rec), ours(z_t, 981, ctx)
-    assert (explicit - fused).abs().max() <= 1e-5 * fused.abs().max()  # float reassociation (outputs ~10 here)
+    assert dtypes == {torch.float64} and fused.dtype == explicit.dtype == torch.float64
+    assert fused.abs().max() > 1
+    assert (explicit - fused).abs().max() <= 1e-10 * fused.abs().max()
     assert [s for s, _, _ in rec.seen] == ours.sites
     assert all(shape[1] == (2 if s.level == 0 else 4) for s, shape, _ in rec.seen)  # heads per level
 
@@ -187,8 +197,10 @@ def folder(request, clip_vocab_dir, tmp_path_factory):
     dict(num_inference_steps=6, guidance_scale=4.0, height=48, width=80),
 ])
 def test_seeded_generation_equals_diffusers(folder, kw):
-    """Measured (mean abs / 255): 128 px 0 for both; 64 px eps 0.0001, v 0.76 (max 5). At 64 px the lowest level is
-    1x1, where the two UNets' convs round differently (2e-7), and the random v sampler grows that to 0.36 in z_0."""
+    """Measured (mean abs / 255): 0 in all six cases, on AVX512 and on AVX2 kernels. Before the weights read from
+    safetensors were copied into aligned memory (test_unet_read_from_a_folder_is_bit_identical_to_diffusers), 64 px
+    gave eps 0.0001 / 0.0002, v 0.76 / 1.013 (AVX512 / AVX2): the random v sampler grows a 1e-7 difference at the
+    1x1 level to 0.36 in z_0."""
     ref, path, prediction = folder
     pipe = Pipeline.from_pretrained(path, device="cpu")
     assert pipe.cfg.family == "sd-v2" and pipe.cfg.ddim.prediction_type == prediction
@@ -203,6 +215,21 @@ def test_seeded_generation_equals_diffusers(folder, kw):
     with torch.no_grad():
         text, _ = ref.encode_prompt(PROMPTS, "cpu", 1, False)
         assert (pipe.encode_text(PROMPTS) - text).abs().max() <= TOL
+
+
+def test_unet_read_from_a_folder_is_bit_identical_to_diffusers(folder):
+    """At 64 px the lowest level is 1x1, where a 1x1 conv (conv_shortcut) is a matrix-vector product whose rounding
+    depends on the weight's address. safetensors hands tensors out at unaligned addresses; read_tensors copies them into
+    PyTorch's 64-byte aligned memory, where a module built in memory (diffusers') has them. Measured: 0 at the
+    output, on AVX512 and AVX2 kernels; unaligned, 1.7e-5 (AVX2: 3.2e-5) of outputs up to 25."""
+    ref, path, _ = folder
+    pipe = Pipeline.from_pretrained(path, device="cpu")
+    assert all(p.data_ptr() % 64 == 0 for p in pipe.unet.parameters())
+    g = torch.Generator().manual_seed(2)
+    z_t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        expected = ref.unet(z_t, torch.tensor(901), encoder_hidden_states=ctx).sample
+        assert torch.equal(pipe.unet(z_t, torch.tensor(901), ctx), expected)
 
 
 # --- loading: the real layouts, a single file in open_clip's layout, errors -------------------------------
