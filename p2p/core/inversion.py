@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from models.checkpoint import aligned
 from models.errors import MissingFileError, UserError
 from models.sdxl import SizeConditioning
 
@@ -175,7 +176,7 @@ class Inversion:
         try:
             with safe_open(str(path), "pt") as f:
                 header = (f.metadata() or {}).get(KEY)
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: aligned(f.get_tensor(k)) for k in f.keys()}  # as the weights: kernels round by address
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable .safetensors file ({e}); write it with `p2p invert`") from None
         if header is None:
