@@ -295,7 +295,7 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
                     steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, ema_decay: float = 0.999,
                     rank: int = 0, world: int = 1, min_snr_gamma: float = 0.0, ground_weight: float = 0.0,
                     owners: torch.Tensor | None = None, discs: torch.Tensor | None = None, object_weight: float = 1.0,
-                    context_weight: float = 0.0, swap: tuple | None = None):
+                    context_weight: float = 0.0, swap: tuple | None = None, bf16: bool = False):
     """rank, world: this process's place under torchrun; each rank draws batch // world samples from its own
     generator and `average_gradients` makes the step the whole batch's. Rank 0 alone writes checkpoints and logs.
     min_snr_gamma > 0: each sample's loss is weighted so that its error on z_0 counts min(SNR_t, gamma) times
@@ -306,7 +306,8 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
     `object_weights` (the things' cells count this many times a background cell), so that the few cells where a
     thing's outline is drawn are not outweighed by the background's texture.
     context_weight > 0: adds this times the context loss of the text states (`grounding.context_loss`), with
-    swap = (class_of, members) from `grounding.swap_classes`."""
+    swap = (class_of, members) from `grounding.swap_classes`.
+    bf16: autocast the text encoder and the UNet to bfloat16 (the weights, the losses and AdamW stay float32)."""
     torch.manual_seed(seed)  # the same initial weights on every rank
     unet, text = UNet(cfg.unet), CLIPTextModel(cfg.text)
     unet = unet.to(memory_format=torch.channels_last)  # 1.14x the steps per second on CPU (1 thread)
@@ -335,12 +336,14 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # q(z_t | z_0)
         z_t = z_t.contiguous(memory_format=torch.channels_last)
         recorder = grounding.MapRecorder() if ground_weight > 0 else None
-        if context_weight > 0:  # the caption and a one-word swap of it, through the text encoder together
-            swapped, pos = grounding.swap_one_word(tokens, owners[idx], *swap, ~dropped, g)
-            cond, cond_swapped = text(torch.cat([tokens, swapped])).chunk(2)
-        else:
-            cond = text(tokens)
-        err = (unet(z_t, t, cond, recorder) - ddim.target(z0, eps, t)) ** 2  # eps or v, as cfg.ddim says
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if context_weight > 0:  # the caption and a one-word swap of it, through the text encoder together
+                swapped, pos = grounding.swap_one_word(tokens, owners[idx], *swap, ~dropped, g)
+                cond, cond_swapped = text(torch.cat([tokens, swapped])).float().chunk(2)
+            else:
+                cond = text(tokens).float()
+            y = unet(z_t, t, cond, recorder).float()
+        err = (y - ddim.target(z0, eps, t)) ** 2  # eps or v, as cfg.ddim says
         if object_weight != 1:
             w = object_weights(discs[idx], z0.shape[-1], object_weight, image_size=cfg.image_size)
             per_sample = (err * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
@@ -445,6 +448,9 @@ def main(argv=None):
                         "they were when one of its words is swapped (p2p/world/grounding.py); 0: none")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="weight of the latent cells on and around the things in the diffusion loss (1: unweighted)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast in the diffusion stage (off by default; worth it only where the CPU computes "
+                        "bf16 natively, see --vae-bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
@@ -500,7 +506,7 @@ def main(argv=None):
                                  rank=rank, world=world, min_snr_gamma=args.min_snr_gamma,
                                  ground_weight=args.ground_weight, owners=grounding.token_owners(captions), discs=discs,
                                  object_weight=args.object_weight, context_weight=args.context_weight,
-                                 swap=grounding.swap_classes(tok, SWAP_GROUPS, tok.vocab_size))
+                                 swap=grounding.swap_classes(tok, SWAP_GROUPS, tok.vocab_size), bf16=args.bf16)
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
