@@ -180,12 +180,16 @@ def test_data_parallel_step_is_the_whole_batch_step(tmp_path):
 
 
 def test_training_script_under_torchrun(tmp_path):
-    """Two ranks: rank 0 alone renders, trains the VAE and writes; the export loads and records the launch."""
+    """Two ranks: rank 0 alone renders and writes; both train the VAE, share out the encoding (63 images: one
+    rank's share is short) and train the diffusion model; the export loads and records the launch."""
     import subprocess
     import sys
+    from dataclasses import replace
+    from models.vae import AutoencoderKL
+    from p2p.world import train
     run, out = tmp_path / "run", tmp_path / "export"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "p2p.world.train", "--out", str(run), "--images", "64", "--vae-steps", "2",
+                        "-m", "p2p.world.train", "--out", str(run), "--images", "63", "--vae-steps", "2",
                         "--vae-batch", "4", "--steps", "2", "--batch", "4", "--export", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -193,3 +197,9 @@ def test_training_script_under_torchrun(tmp_path):
     assert meta["command"].startswith("torchrun --standalone --nproc-per-node 2 -m p2p.world.train")
     assert "2 process(es)" in meta["hardware"] and torch.load(run / "diffusion.pt", weights_only=True)["step"] == 2
     assert Pipeline.from_pretrained(out, device="cpu").generate("a big red square", steps=2, progress=False)
+    vae = AutoencoderKL(replace(train.EMBEDDED.vae, latent_channels=8))
+    vae.load_state_dict(torch.load(run / "vae.pt", weights_only=True)["modules"]["vae"])
+    images = torch.load(run / "data.pt", weights_only=True)["images"]
+    assert torch.load(run / "vae.pt", weights_only=True)["step"] == 2
+    torch.testing.assert_close(torch.load(run / "latents_vae2.pt", weights_only=True),  # one process encodes all
+                               train.encode_all(vae.eval(), images), rtol=1e-5, atol=1e-5)

@@ -15,9 +15,10 @@ continues where it stopped:
      prompt can (the background followed the noise's leaked colour in 88% of samples after a short run; on the
      same 8-channel VAE, 1,500 steps read the background right in 96% of 48 prompts, against 12% for sd-v1).
      `--schedule sd-v1` trains the epsilon model of SD v1 instead. The model folder's [ddim] states which.
-Data parallel on CPU cores (the diffusion stage): `torchrun --standalone --nproc-per-node 2 -m p2p.world.train ...`
-runs one process per core with gloo; each takes --batch / N of the batch and the gradients are averaged, so
-a step is the same step as one process's on the whole batch. The stages before it run on rank 0 alone. On this
+Data parallel on CPU cores (the VAE and diffusion stages): `torchrun --standalone --nproc-per-node 2 -m
+p2p.world.train ...` runs one process per core with gloo; each takes --batch / N (--vae-batch / N) of the batch and
+the gradients are averaged, so a step is the same step as one process's on the whole batch; the encoding of the
+latents is shared out too. The tokenizer and the rendering run on rank 0 alone. On this
 project's 2-core CPU, 2 processes x 1 thread take 0.77 s per step of batch 64, one process 1.33 s (1 or 2 threads).
 The networks are the SD code paths (models/) at a small size: preset "embedded" in models/presets.py, with the
 latent's channels set by --latent-channels.
@@ -178,24 +179,27 @@ class Log:
 
 def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, batch: int, lr: float, seed: int,
               kl_weight: float = 1e-6, bf16: bool = False, discs: torch.Tensor | None = None,
-              object_weight: float = 1.0, scale_equivariance: float = 0.0) -> AutoencoderKL:
+              object_weight: float = 1.0, scale_equivariance: float = 0.0, rank: int = 0,
+              world: int = 1) -> AutoencoderKL:
     """bf16: autocast the networks (the loss stays float32); with channels_last, 1.7x the steps per second of
     float32 on a CPU with AVX512-BF16 (measured at 1 thread). object_weight: the reconstruction loss of the pixels
     on and around the things (`discs`) counts this many times a background pixel's (see `object_weights`).
     scale_equivariance > 0: adds this times the loss of decoding the latent shrunk by s (2 or 4, drawn per step)
     against the image shrunk by s (Skorokhodov et al. 2025): the latent's low frequencies must then carry the
-    image's, which takes out the high-frequency content that a diffusion model draws worst."""
+    image's, which takes out the high-frequency content that a diffusion model draws worst.
+    rank, world: as in `train_diffusion` (each rank draws batch // world images; rank 0 writes)."""
     torch.manual_seed(seed)
     vae = AutoencoderKL(cfg.vae).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     ckpt, log = run / "vae.pt", Log(run / "vae_log.jsonl")
     step = load_state(ckpt, {"vae": vae}, opt)[0] if ckpt.is_file() else 0
-    g = torch.Generator().manual_seed(seed + step)
-    bar = tqdm(total=steps, initial=step, desc="vae", disable=step >= steps)  # no bar when it is already trained
+    g = torch.Generator().manual_seed(seed + step + 1_000_003 * rank)  # one process: the generator it always had
+    share = batch // world
+    bar = tqdm(total=steps, initial=step, desc="vae", disable=step >= steps or rank > 0)  # none when trained
     while step < steps:
         for group in opt.param_groups:  # cosine decay to 5% (the annealed end sharpens the reconstructions)
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        idx = torch.randint(len(images), (batch,), generator=g)
+        idx = torch.randint(len(images), (share,), generator=g)
         x = as_float(images[idx]).contiguous(memory_format=torch.channels_last)
         w = object_weights(discs[idx], x.shape[-1], object_weight) if object_weight != 1 else torch.ones(1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -218,13 +222,15 @@ def train_vae(cfg: ModelConfig, images: torch.Tensor, run: Path, steps: int, bat
             extra["se"] = se_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            average_gradients(list(vae.parameters()), world, loss)
         opt.step()
         step += 1
         bar.update(1)
-        if step % 50 == 0:
+        if step % 50 == 0 and rank == 0:  # rank 0's share of the batch
             bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.0f}")
             log(step=step, rec=rec_loss.item(), kl=kl.item(), **extra)
-        if step % 500 == 0 or step == steps:
+        if (step % 500 == 0 or step == steps) and rank == 0:
             save_state(ckpt, step, {"vae": vae}, opt)
     bar.close()
     return vae.to(memory_format=torch.contiguous_format).eval()
@@ -259,9 +265,21 @@ def weighted_l1_l2(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def encode_all(vae: AutoencoderKL, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Posterior means of every image, unscaled (B, 4, h, w)."""
-    return torch.cat([vae.posterior(as_float(images[i:i + batch]))[0] for i in range(0, len(images), batch)])
+def encode_all(vae: AutoencoderKL, images: torch.Tensor, batch: int = 500, rank: int = 0,
+               world: int = 1) -> torch.Tensor:
+    """Posterior means of every image, unscaled (B, c, h, w). Under torchrun each rank encodes a 1 / world share
+    and every rank receives the whole."""
+    share = -(-len(images) // world)
+    mine = images[rank * share:(rank + 1) * share]
+    z = torch.cat([vae.posterior(as_float(mine[i:i + batch]))[0] for i in range(0, len(mine), batch)]
+                  or [vae.posterior(as_float(images[:1]))[0][:0]])  # a rank with no share: an empty (0, c, h, w)
+    if world == 1:
+        return z
+    padded = z.new_zeros((share,) + z.shape[1:])  # all_gather takes equal sizes
+    padded[:len(z)] = z
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:len(images)]
 
 
 # --- stage 3: the diffusion model --------------------------------------------------------------------------
@@ -463,19 +481,21 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be > 0 (1 leaves the loss unweighted), got {getattr(args, name)}")
     if args.vae_bf16 is None:
         args.vae_bf16 = native_bf16()  # train.json records what was used
-    if args.batch % world:
-        p.error(f"--batch {args.batch} does not split over {world} processes: give a multiple of {world}")
+    for name in ("batch", "vae_batch"):
+        if getattr(args, name) % world:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} does not split over {world} processes: give a "
+                    f"multiple of {world}")
     start_vae = None
     if args.vae_from:  # checked on every rank before any waits for another
         try:
             start_vae = vae_from(Path(args.vae_from), replace(EMBEDDED.vae, latent_channels=args.latent_channels))
         except UserError as e:
             p.error(f"--vae-from: {e}")
-    if world > 1:  # under torchrun; the long timeout covers rank 0's VAE stage, which the others wait for
+    if world > 1:  # under torchrun; the long timeout covers rank 0's rendering, which the others wait for
         dist.init_process_group("gloo", timeout=timedelta(hours=6))
     rank = dist.get_rank() if world > 1 else 0
     if rank > 0:
-        dist.barrier()  # rank 0 renders the data and trains the VAE; the others then read its files
+        dist.barrier()  # rank 0 learns the tokenizer and renders the data; the others then read its files
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.out)
@@ -487,21 +507,22 @@ def main(argv=None):
                   vae=replace(EMBEDDED.vae, latent_channels=c), unet=replace(EMBEDDED.unet, in_channels=c, out_channels=c),
                   ddim=replace(EMBEDDED.ddim, **SCHEDULES[args.schedule]))
     images, captions, discs = dataset(args.images, args.seed, run / "data.pt")
-    if start_vae is not None and not (run / "vae.pt").is_file():  # counted as 4,000 steps done, with a fresh AdamW
+    if rank == 0 and start_vae is not None and not (run / "vae.pt").is_file():  # as 4,000 steps done, fresh AdamW
         save_state(run / "vae.pt", 4000, {"vae": start_vae}, torch.optim.AdamW(start_vae.parameters()))
+    if rank == 0 and world > 1:
+        dist.barrier()
     vae = train_vae(cfg, images, run, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, bf16=args.vae_bf16,
                     discs=discs, object_weight=args.vae_object_weight,
-                    scale_equivariance=args.vae_scale_equivariance)
+                    scale_equivariance=args.vae_scale_equivariance, rank=rank, world=world)
     latents_path = run / f"latents_vae{args.vae_steps}.pt"  # a VAE trained further encodes afresh
     if latents_path.is_file():
         latents = torch.load(latents_path, weights_only=True)
     else:
-        latents = encode_all(vae, images)
-        torch.save(latents, latents_path)
+        latents = encode_all(vae, images, rank=rank, world=world)
+        if rank == 0:
+            torch.save(latents, latents_path)
     cfg = replace(cfg, vae=replace(cfg.vae, scaling_factor=round(1.0 / latents.std().item(), 5)))
     ids = tok.encode(captions)
-    if rank == 0 and world > 1:
-        dist.barrier()
     unet, text = train_diffusion(cfg, latents, ids, tok.encode([""])[0], run, args.steps, args.batch, args.lr, args.seed,
                                  rank=rank, world=world, min_snr_gamma=args.min_snr_gamma,
                                  ground_weight=args.ground_weight, owners=grounding.token_owners(captions), discs=discs,
