@@ -216,9 +216,11 @@ def test_cli_eval_writes_rows_and_tables(tmp_path):
     assert cli(["eval", "--n", "1", "--parts", "plain,vae", "--out-dir", str(out), "--quiet"]) == 0
     d = json.loads((out / "eval.json").read_text())
     assert d["n"] == 1 and sorted(r["kind"] for r in d["rows"]) == ["plain", "vae"]
+    assert next(r for r in d["rows"] if r["kind"] == "plain")["count"] in (0.0, 1.0)  # objects drawn == asked
     assert {t["what"] for t in d["targets"]} >= {"VAE round trip PSNR (dB)", "plain generation: shape read right"}
     md = (out / "eval.md").read_text()
-    assert "Plain generation" in md and "VAE round trip" in md and "Targets (issue 11" in md
+    assert "Plain generation" in md and "objects counted right" in md and "VAE round trip" in md
+    assert "Targets (issue 11" in md
     assert sorted(p.name for p in (out / "examples").iterdir()) == ["plain_000.png", "vae_000.png"]
 
 

@@ -39,7 +39,7 @@ from p2p.core.settings import EditSettings
 from p2p.files.images import encode_image, psnr
 from p2p.files.output import grid, save_image
 from p2p.world import scenes
-from p2p.world.judge import _dilate, _erode, centroid_shift, iou, judge, match
+from p2p.world.judge import _dilate, _erode, centroid_shift, count, iou, judge, match
 
 ATTRIBUTES = ("shape", "colour", "pattern", "size", "background")  # what the judge reads of a one-object scene
 SWAPS = ("shape", "colour", "pattern", "background")  # attributes a one-word swap changes
@@ -324,12 +324,14 @@ def changed(prompt: str, target: str) -> tuple[str, str]:
 
 
 def score_plain(kind, s: EditSettings, scene, images) -> list[dict]:
-    """Plain generation of the case's prompt: 1 per attribute the judge reads as the prompt says; `all`."""
+    """Plain generation of the case's prompt: 1 per attribute the judge reads as the prompt says; `all`; `count`:
+    1 where the image shows as many separate objects as the prompt names (`judge.count`; the attributes are read
+    off the largest, so a second copy of the object goes unseen by them, but an edit recolours it too)."""
     (image,) = images
     got, want = read(image), caption_truth(s.prompt)
     row = {a: float(got[a] == want[a]) for a in ATTRIBUTES}
     return [{"kind": "plain", "prompt": s.prompt, "seed": s.seed, **row, "all": float(all(row.values())),
-             "images": [image]}]
+             "count": float(count(image) == len(parse_caption(s.prompt)[0])), "images": [image]}]
 
 
 def score_swaps(kind, s: EditSettings, scene, images) -> list[dict]:

@@ -489,6 +489,21 @@ def _split(comp: np.ndarray, max_erosion: int = 4, min_part: int = 8) -> list[np
     return [comp]
 
 
+def _objects(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Steps 1 and 2: the background plane, each pixel's distance from it, and the components of the pixels
+    far from it (MIN_AREA pixels or more), largest first."""
+    bg = _fit_background(img)
+    dist = _distance(_box3(img) - bg)
+    threshold = max(MIN_THRESHOLD, RING_FACTOR * float(np.quantile(dist[_RING], 0.95)))
+    return bg, dist, [c for c in components(dist > threshold) if c.sum() >= MIN_AREA]
+
+
+def count(image) -> int:
+    """How many separate objects a scene image shows: the components of step 2, none split. A caption asks
+    for one or two things, so the number drawn is read back as the attributes are."""
+    return len(_objects(_as_array(image))[2])
+
+
 def judge(image, n_things: int = 1) -> Reading:
     """Read the background colour and up to n_things objects from a 64x64 scene image (RGB PIL image or
     (64, 64, 3) uint8 array; anything else is a ValueError). The objects come largest first; fewer than
@@ -496,11 +511,8 @@ def judge(image, n_things: int = 1) -> Reading:
     if not isinstance(n_things, (int, np.integer)) or n_things < 1:
         raise ValueError(f"n_things must be a positive integer, got {n_things!r}")
     img = _as_array(image)
-    bg = _fit_background(img)
+    bg, dist, comps = _objects(img)
     background, bg_margin = _background_colour(np.median(img[_RING], axis=0))
-    dist = _distance(_box3(img) - bg)
-    threshold = max(MIN_THRESHOLD, RING_FACTOR * float(np.quantile(dist[_RING], 0.95)))
-    comps = [c for c in components(dist > threshold) if c.sum() >= MIN_AREA]
     for k in range(len(comps)):  # fewer objects than asked for: split the largest ones that are two
         if len(comps) >= n_things:
             break

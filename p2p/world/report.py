@@ -107,7 +107,8 @@ def tables(summary: list[dict]) -> str:
     out = []
     for s in kind("plain"):
         out += ["Plain generation, attributes read back from the image:", "",
-                *_table(["n", *ATTRIBUTES, "all"], [[str(s["n"]), *(_fmt(s[a], True) for a in (*ATTRIBUTES, "all"))]]), ""]
+                *_table(["n", *ATTRIBUTES, "all", "objects counted right"],
+                        [[str(s["n"]), *(_fmt(s.get(a), True) for a in (*ATTRIBUTES, "all", "count"))]]), ""]
     swaps = kind("swap") + kind("refine")
     if swaps:
         out += ["Word swaps and refinement (P2P: replace or refine, self_replace 0.4; baseline: the target prompt "
