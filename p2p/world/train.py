@@ -313,7 +313,8 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
                     steps: int, batch: int, lr: float, seed: int, p_uncond: float = 0.1, ema_decay: float = 0.999,
                     rank: int = 0, world: int = 1, min_snr_gamma: float = 0.0, ground_weight: float = 0.0,
                     owners: torch.Tensor | None = None, discs: torch.Tensor | None = None, object_weight: float = 1.0,
-                    context_weight: float = 0.0, swap: tuple | None = None, bf16: bool = False):
+                    context_weight: float = 0.0, swap: tuple | None = None, bf16: bool = False,
+                    object_weight_by_signal: bool = False):
     """rank, world: this process's place under torchrun; each rank draws batch // world samples from its own
     generator and `average_gradients` makes the step the whole batch's. Rank 0 alone writes checkpoints and logs.
     min_snr_gamma > 0: each sample's loss is weighted so that its error on z_0 counts min(SNR_t, gamma) times
@@ -323,6 +324,10 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
     object_weight != 1: each sample's error is averaged over the latent's cells with the weights of
     `object_weights` (the things' cells count this many times a background cell), so that the few cells where a
     thing's outline is drawn are not outweighed by the background's texture.
+    object_weight_by_signal: the weight's excess scales with alpha_bar_t, 1 + (object_weight - 1) alpha_bar_t. A
+    weighted loss's optimum is no longer the posterior mean but E[w x_0 | z_t] / E[w | z_t]; where z_t does not yet
+    tell where the thing is, that pulls the prediction towards the thing's colour wherever it might be, and the
+    sampler then draws it there more than once. At pure noise this leaves the loss unweighted.
     context_weight > 0: adds this times the context loss of the text states (`grounding.context_loss`), with
     swap = (class_of, members) from `grounding.swap_classes`.
     bf16: autocast the text encoder and the UNet to bfloat16 (the weights, the losses and AdamW stay float32)."""
@@ -364,6 +369,8 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
         err = (y - ddim.target(z0, eps, t)) ** 2  # eps or v, as cfg.ddim says
         if object_weight != 1:
             w = object_weights(discs[idx], z0.shape[-1], object_weight, image_size=cfg.image_size)
+            if object_weight_by_signal:
+                w = 1 + (w - 1) * a
             per_sample = (err * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
         else:
             per_sample = err.mean(dim=(1, 2, 3))
@@ -466,6 +473,9 @@ def main(argv=None):
                         "they were when one of its words is swapped (p2p/world/grounding.py); 0: none")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="weight of the latent cells on and around the things in the diffusion loss (1: unweighted)")
+    p.add_argument("--object-weight-by-signal", action="store_true",
+                   help="scale the object weight's excess by the signal fraction alpha_bar_t: unweighted at pure noise, "
+                        "where the things' places are not yet decided and a weighted loss draws them more than once")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast in the diffusion stage (off by default; worth it only where the CPU computes "
                         "bf16 natively, see --vae-bf16)")
@@ -527,7 +537,8 @@ def main(argv=None):
                                  rank=rank, world=world, min_snr_gamma=args.min_snr_gamma,
                                  ground_weight=args.ground_weight, owners=grounding.token_owners(captions), discs=discs,
                                  object_weight=args.object_weight, context_weight=args.context_weight,
-                                 swap=grounding.swap_classes(tok, SWAP_GROUPS, tok.vocab_size), bf16=args.bf16)
+                                 swap=grounding.swap_classes(tok, SWAP_GROUPS, tok.vocab_size), bf16=args.bf16,
+                                 object_weight_by_signal=args.object_weight_by_signal)
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
