@@ -7,7 +7,8 @@ P* from the same seed keeps little. The images here come from a model of the pro
 image without a human. Each `measure_*(pipe, case) -> row` returns flat dicts of numbers (one per measured
 case), `aggregate` averages them per row kind, and p2p/world/report.py turns that into tables and targets:
 
-- plain generation (Sec. 4, text alignment): the prompt's attributes read back from its image;
+- plain generation (Sec. 4, text alignment): the prompt's attributes read back from its image, and the number
+  of objects it shows;
 - word swaps (Sec. 3.2, `Replace`) of shape, colour, pattern and background, P2P at the authors' defaults
   (cross-attention injected for 80% of the steps, self-attention 40%) and, for shape, at cross_replace 0.4
   (a structural swap wants a shorter injection, Sec. 3.2 and Fig. 7), against the baseline (the targets
