@@ -152,17 +152,17 @@ def test_object_weights_on_the_latent_grid_count_the_things_cells():
     assert object_weights(discs, 64, 10.0).shape == (1, 1, 64, 64)  # the pixel grid, as the VAE uses it
 
 
-@pytest.mark.parametrize("by_signal", [False, True])
-def test_object_weighted_diffusion_step_runs(tmp_path, by_signal):
+@pytest.mark.parametrize("by_signal, until", [(False, 0), (True, 0), (False, 1)])
+def test_object_weighted_diffusion_step_runs(tmp_path, by_signal, until):
     from p2p.world import train
     cfg = train.EMBEDDED
     captions = [scenes.caption(s) for _, _, s in scenes.sample(4, 0)]
     tok = CLIPTokenizer.from_path(EMBEDDED_DIR / "tokenizer")
     discs = torch.tensor([[[20.0, 20.0, 8.0], [0.0, 0.0, 0.0]]]).expand(4, 2, 3).clone()
     latents = torch.randn(4, cfg.unet.in_channels, 16, 16)
-    train.train_diffusion(cfg, latents, tok.encode(captions), tok.encode([""])[0], tmp_path, steps=1, batch=4,
+    train.train_diffusion(cfg, latents, tok.encode(captions), tok.encode([""])[0], tmp_path, steps=2, batch=4,
                           lr=1e-4, seed=0, min_snr_gamma=5.0, owners=grounding.token_owners(captions), discs=discs,
-                          object_weight=10.0, object_weight_by_signal=by_signal)
+                          object_weight=10.0, object_weight_by_signal=by_signal, object_weight_until=until)
     assert (tmp_path / "diffusion.pt").is_file()
 
 

@@ -314,7 +314,7 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
                     rank: int = 0, world: int = 1, min_snr_gamma: float = 0.0, ground_weight: float = 0.0,
                     owners: torch.Tensor | None = None, discs: torch.Tensor | None = None, object_weight: float = 1.0,
                     context_weight: float = 0.0, swap: tuple | None = None, bf16: bool = False,
-                    object_weight_by_signal: bool = False):
+                    object_weight_by_signal: bool = False, object_weight_until: int = 0):
     """rank, world: this process's place under torchrun; each rank draws batch // world samples from its own
     generator and `average_gradients` makes the step the whole batch's. Rank 0 alone writes checkpoints and logs.
     min_snr_gamma > 0: each sample's loss is weighted so that its error on z_0 counts min(SNR_t, gamma) times
@@ -328,6 +328,8 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
     weighted loss's optimum is no longer the posterior mean but E[w x_0 | z_t] / E[w | z_t]; where z_t does not yet
     tell where the thing is, that pulls the prediction towards the thing's colour wherever it might be, and the
     sampler then draws it there more than once. At pure noise this leaves the loss unweighted.
+    object_weight_until > 0: the object weight holds for the steps before this one and the loss is unweighted from
+    it on (the shapes come under the weight; the steps after it unlearn the copies it draws).
     context_weight > 0: adds this times the context loss of the text states (`grounding.context_loss`), with
     swap = (class_of, members) from `grounding.swap_classes`.
     bf16: autocast the text encoder and the UNet to bfloat16 (the weights, the losses and AdamW stay float32)."""
@@ -367,7 +369,7 @@ def train_diffusion(cfg: ModelConfig, latents: torch.Tensor, ids: torch.Tensor, 
                 cond = text(tokens).float()
             y = unet(z_t, t, cond, recorder).float()
         err = (y - ddim.target(z0, eps, t)) ** 2  # eps or v, as cfg.ddim says
-        if object_weight != 1:
+        if object_weight != 1 and not 0 < object_weight_until <= step:
             w = object_weights(discs[idx], z0.shape[-1], object_weight, image_size=cfg.image_size)
             if object_weight_by_signal:
                 w = 1 + (w - 1) * a
@@ -476,6 +478,9 @@ def main(argv=None):
     p.add_argument("--object-weight-by-signal", action="store_true",
                    help="scale the object weight's excess by the signal fraction alpha_bar_t: unweighted at pure noise, "
                         "where the things' places are not yet decided and a weighted loss draws them more than once")
+    p.add_argument("--object-weight-until", type=int, default=0, metavar="STEP",
+                   help="the object weight holds until this diffusion step, the loss is unweighted after it "
+                        "(0: all steps)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast in the diffusion stage (off by default; worth it only where the CPU computes "
                         "bf16 natively, see --vae-bf16)")
@@ -483,7 +488,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for name in ("min_snr_gamma", "ground_weight", "context_weight", "vae_scale_equivariance"):
+    for name in ("min_snr_gamma", "ground_weight", "context_weight", "vae_scale_equivariance", "object_weight_until"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {getattr(args, name)}")
     for name in ("object_weight", "vae_object_weight"):
@@ -538,7 +543,8 @@ def main(argv=None):
                                  ground_weight=args.ground_weight, owners=grounding.token_owners(captions), discs=discs,
                                  object_weight=args.object_weight, context_weight=args.context_weight,
                                  swap=grounding.swap_classes(tok, SWAP_GROUPS, tok.vocab_size), bf16=args.bf16,
-                                 object_weight_by_signal=args.object_weight_by_signal)
+                                 object_weight_by_signal=args.object_weight_by_signal,
+                                 object_weight_until=args.object_weight_until)
     if world > 1:
         dist.destroy_process_group()
     if rank > 0:
